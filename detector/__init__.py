@@ -1,0 +1,1 @@
+"""Detect machine-written text with a fine-tuned DeBERTa classifier."""
