@@ -1,0 +1,48 @@
+"""Train a DeBERTa-v3-style Unigram tokenizer locally, for backbones that have no tokenizer of their own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoTokenizer, DebertaV2Tokenizer, PreTrainedTokenizerBase
+
+# DeBERTa-v3 puts these at ids 0..3; [MASK] follows them here because the vocab is trained, not fixed.
+SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2Tokenizer:
+    """Train a SentencePiece-style Unigram vocab on ``texts`` and wrap it as a ``DebertaV2Tokenizer``.
+
+    The result round-trips through ``save_pretrained``/``AutoTokenizer.from_pretrained``. It is built
+    from the Unigram vocab itself: ``DebertaV2Tokenizer(vocab_file="spm.model")`` would silently
+    yield a 7-token vocab in transformers 5.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size must be > {len(SPECIAL_TOKENS)}, got {vocab_size}")
+    raw = Tokenizer(models.Unigram())
+    raw.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" {2,}", " ")])
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="[UNK]", show_progress=False
+    )
+    raw.train_from_iterator(texts, trainer)
+    model = json.loads(raw.to_str())["model"]
+    vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
+    return DebertaV2Tokenizer(vocab=vocab, unk_id=int(model["unk_id"]))
+
+
+def load_or_train_tokenizer(
+    folder: str | Path, texts: Iterable[str], vocab_size: int = 8000
+) -> PreTrainedTokenizerBase:
+    """Reuse the tokenizer saved in ``folder`` if there is one, else train one on ``texts`` and save it."""
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
