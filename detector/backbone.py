@@ -45,7 +45,7 @@ def architecture_config(vocab_size: int, pad_token_id: int = 0, **overrides: Any
     arch = {**SMALL_ARCH, **overrides}
     if isinstance(arch.get("pos_att_type"), str):
         arch["pos_att_type"] = arch["pos_att_type"].split("|")
-    return DebertaV2Config(
+    return DebertaV2Config(  # type: ignore[call-arg]
         vocab_size=vocab_size,
         pad_token_id=pad_token_id,
         num_labels=len(LABELS),
@@ -78,5 +78,7 @@ def has_own_tokenizer(pretrained: str | None) -> bool:
         return False
     path = Path(pretrained)
     if path.exists():
-        return any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spm.model"))
+        return any(
+            (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spm.model")
+        )
     return True

@@ -1,0 +1,235 @@
+"""DetectorDataModule: labelled text files in, tokenized, dynamically padded, resumable batches out."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from detector.backbone import has_own_tokenizer
+from detector.demo import write_demo_corpus
+from detector.loader import ResumableBatchSampler, ResumableDataLoader
+from detector.records import Records, read_records
+from detector.splits import stratified_group_split
+from detector.tokenizer import load_or_train_tokenizer
+
+
+class EncodedDataset(Dataset):
+    """Token ids and labels of one split; items carry their row index so predictions map back."""
+
+    def __init__(self, input_ids: list[list[int]], labels: list[int | None]) -> None:
+        self.input_ids = input_ids
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.input_ids[index], "label": self.labels[index], "index": index}
+
+
+def pad_batch(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in the batch (dynamic padding)."""
+    width = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        ids = item["input_ids"]
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
+    if all(item["label"] is not None for item in items):
+        batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
+    return batch
+
+
+class DetectorDataModule(LightningDataModule):
+    """Reads JSONL/CSV/Parquet files with ``text`` and ``label`` (0/1 or human/machine).
+
+    Args:
+        train_path: training file; ``None`` writes and uses the synthetic demo corpus in ``demo_dir``.
+        val_path: validation file; ``None`` splits ``val_fraction`` of the training groups off, seeded,
+            stratified by label and respecting the optional ``group`` column.
+        test_path: test file (``None``: the demo corpus's test split when training on the demo).
+        predict_path: file to score with ``predict``; labels optional.
+        pretrained: the backbone's hub id or folder, whose tokenizer is used when it has one
+            (linked from ``model.pretrained`` by the CLI).
+        tokenizer_root: where a locally trained tokenizer is saved, one folder per training data
+            fingerprint, and reused by later runs on the same data.
+        tokenizer_vocab_size: target vocabulary size of a locally trained tokenizer.
+        max_length: truncation length in tokens.
+        batch_size: training batch size; ``eval_batch_size`` defaults to twice it.
+        balance: class imbalance handling: ``loss_weights`` (inverse class frequency in the loss),
+            ``sampler`` (balanced sampling with replacement), or ``none``.
+        num_workers: DataLoader worker processes.
+        seed: seed of the split and of the (resumable) batch order.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        pretrained: str | None = None,
+        demo_dir: str = "outputs/demo_data",
+        tokenizer_root: str = "outputs/tokenizer",
+        tokenizer_vocab_size: int = 8000,
+        max_length: int = 256,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        balance: Literal["none", "loss_weights", "sampler"] = "loss_weights",
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_length < 8:
+            raise ValueError(f"max_length must be >= 8, got {max_length}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self._train_records: Records | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, EncodedDataset] = {}
+        self.records: dict[str, Records] = {}
+
+    def _paths(self) -> dict[str, str | None]:
+        h: Any = self.hparams
+        if h.train_path is not None:
+            return {"train": h.train_path, "val": h.val_path, "test": h.test_path, "predict": h.predict_path}
+        demo = write_demo_corpus(h.demo_dir, seed=0)
+        test = h.test_path or str(demo["test"])
+        return {
+            "train": str(demo["train"]),
+            "val": h.val_path or str(demo["val"]),
+            "test": test,
+            "predict": h.predict_path or test,
+        }
+
+    def train_records(self) -> Records:
+        """The training file's rows (read once)."""
+        if self._train_records is None:
+            self._train_records = read_records(self._paths()["train"])  # type: ignore[arg-type]
+        return self._train_records
+
+    def data_fingerprint(self) -> str:
+        """SHA-256 of the training file's bytes: identifies the data a tokenizer or model was trained on."""
+        digest = hashlib.sha256()
+        with open(self._paths()["train"], "rb") as handle:  # type: ignore[arg-type]
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The backbone's tokenizer, or one trained on the training texts and saved for reuse."""
+        if self._tokenizer is None:
+            h: Any = self.hparams
+            pretrained = h.pretrained
+            if has_own_tokenizer(pretrained):
+                self._tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            else:
+                folder = Path(h.tokenizer_root) / f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
+                self._tokenizer = load_or_train_tokenizer(
+                    folder, self.train_records().text, h.tokenizer_vocab_size
+                )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the tokenizer's vocabulary (the CLI links it to the model)."""
+        return len(self.tokenizer)
+
+    def setup(self, stage: str) -> None:
+        paths = self._paths()
+        if stage in ("fit", "validate"):
+            self._setup_fit(paths["val"])
+        if stage == "test":
+            self._set_split("test", self._read(paths["test"], "test_path"))
+        if stage == "predict":
+            self._set_split("predict", self._read(paths["predict"], "predict_path", require_label=False))
+
+    def _read(self, path: str | None, option: str, require_label: bool = True) -> Records:
+        if path is None:
+            raise ValueError(f"data.{option} is not set")
+        return read_records(path, require_label=require_label)
+
+    def _setup_fit(self, val_path: str | None) -> None:
+        records, h = self.train_records(), cast(Any, self.hparams)
+        if val_path is not None:
+            self._set_split("train", records)
+            self._set_split("val", read_records(val_path))
+            return
+        groups = records.extra.get("group")
+        train, val = stratified_group_split(records.label, groups, h.val_fraction, h.seed)  # type: ignore[arg-type]
+        self._set_split("train", records.subset(train))
+        self._set_split("val", records.subset(val))
+
+    def _set_split(self, split: str, records: Records) -> None:
+        max_length = cast(Any, self.hparams).max_length
+        encoded = self.tokenizer(records.text, truncation=True, max_length=max_length)
+        self.records[split] = records
+        self.datasets[split] = EncodedDataset(encoded["input_ids"], records.label)
+
+    def class_weights(self) -> torch.Tensor | None:
+        """Inverse-frequency loss weights when ``balance == "loss_weights"``, else ``None``."""
+        if cast(Any, self.hparams).balance != "loss_weights":
+            return None
+        counts = torch.bincount(torch.tensor(self.datasets["train"].labels), minlength=2).double()
+        return (counts.sum() / (2 * counts.clamp(min=1))).float()
+
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        dataset = self.datasets[split]
+        h: Any = self.hparams
+        weights = None
+        if train and h.balance == "sampler":
+            counts = torch.bincount(torch.tensor(dataset.labels), minlength=2).double()
+            weights = (1.0 / counts.clamp(min=1))[torch.tensor(dataset.labels)].tolist()
+        trainer = self.trainer
+        sampler = ResumableBatchSampler(
+            len(dataset),
+            h.batch_size if train else (h.eval_batch_size or 2 * h.batch_size),
+            seed=h.seed,
+            shuffle=train,
+            weights=weights,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        consumed = None
+        if train and trainer is not None:
+            progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
+            consumed = lambda: progress.processed  # noqa: E731
+        pad_id = self.tokenizer.pad_token_id or 0
+        return ResumableDataLoader(
+            dataset,
+            sampler,
+            partial(pad_batch, pad_id=pad_id),
+            consumed=consumed,
+            num_workers=h.num_workers,
+            persistent_workers=h.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> ResumableDataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> ResumableDataLoader:
+        return self._loader("predict", train=False)

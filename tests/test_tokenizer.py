@@ -1,0 +1,24 @@
+from transformers import AutoTokenizer, DebertaV2Tokenizer
+
+from detector.tokenizer import SPECIAL_TOKENS, load_or_train_tokenizer, train_tokenizer
+
+
+def test_trained_tokenizer_round_trips_through_save_and_auto(tmp_path, texts):
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    assert isinstance(tokenizer, DebertaV2Tokenizer)
+    assert tokenizer.vocab_size > 100  # a real vocab, not the 7-token fallback of vocab_file=spm.model
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS[:4]] == [0, 1, 2, 3]
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    sample = texts[:5]
+    assert reloaded(sample)["input_ids"] == tokenizer(sample)["input_ids"]
+    ids = tokenizer(sample[0])["input_ids"]
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert reloaded.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_load_or_train_reuses_a_saved_tokenizer(tmp_path, texts):
+    first = load_or_train_tokenizer(tmp_path / "tok", texts, vocab_size=300)
+    # Different texts would give a different vocab: reuse means the saved one comes back.
+    second = load_or_train_tokenizer(tmp_path / "tok", ["completely other words"] * 10, vocab_size=300)
+    assert second.get_vocab() == first.get_vocab()
