@@ -1,16 +1,30 @@
-"""``python -m detector``: train, validate, test and predict through LightningCLI."""
+"""``python -m detector``: train, validate, test and predict through LightningCLI, plus the tool verbs."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from detector.cli import build_cli
 
+# Verbs beside LightningCLI's own: each module has ``main(argv) -> int``.
+TOOLS = {
+    "checkpoints": "detector.checkpoint_tool",
+    "export": "detector.export",
+    "score": "detector.score",
+}
+
 
 def main(args: list[str] | None = None) -> None:
     """Run the command line on ``args`` (``sys.argv[1:]`` when ``None``)."""
+    args = sys.argv[1:] if args is None else list(args)
+    if args and args[0] in TOOLS:
+        code = importlib.import_module(TOOLS[args[0]]).main(args[1:])
+        if code:
+            raise SystemExit(code)
+        return
     build_cli(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

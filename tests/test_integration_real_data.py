@@ -9,13 +9,29 @@ from tests.conftest import SHARED_DATA
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "train.jsonl").is_file(), reason="../shared/data is not beside the project")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "train.jsonl").is_file(), reason="../shared/data is not beside the project"
+)
 def test_default_model_trains_on_real_data_and_reports_every_metric(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(
-        ["fit", "--trainer.max_steps", "150", "--trainer.val_check_interval", "150",
-         "--trainer.enable_progress_bar", "false", "--data.max_length", "128", "--data.batch_size", "16",
-         "--data.train_path", str(SHARED_DATA / "train.jsonl"), "--data.val_path", str(SHARED_DATA / "val.jsonl")],
+        [
+            "fit",
+            "--trainer.max_steps",
+            "150",
+            "--trainer.val_check_interval",
+            "150",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--data.max_length",
+            "128",
+            "--data.batch_size",
+            "16",
+            "--data.train_path",
+            str(SHARED_DATA / "train.jsonl"),
+            "--data.val_path",
+            str(SHARED_DATA / "val.jsonl"),
+        ],
     )
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert cli.trainer.global_step == 150
