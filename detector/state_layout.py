@@ -106,7 +106,7 @@ def _sha256(piece: memoryview) -> bytes:
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, in C order; copies only a tensor that is not already a contiguous CPU one."""
     tensor = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
