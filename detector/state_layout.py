@@ -56,6 +56,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    kind: str = "tensor"  # or "ndarray": what the state holds in its place
 
     @property
     def nbytes(self) -> int:
