@@ -15,6 +15,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": "outputs", "name": "logs"},
     },
+    # Every checkpoint is written and read as checksummed safetensors, never a pickle.
+    "plugins": [{"class_path": "detector.checkpoint_io.SafetensorsCheckpointIO"}],
     # The data module shards and orders batches itself (resumable, a pure function of seed and epoch).
     "use_distributed_sampler": False,
 }

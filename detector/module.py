@@ -10,12 +10,13 @@ from lightning.pytorch import LightningModule
 from transformers import get_linear_schedule_with_warmup
 
 from detector.backbone import build_classifier
+from detector.checkpoint_io import SafetensorsLoadingMixin
 from detector.metrics import classification_metrics
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
 
-class DetectorModule(LightningModule):
+class DetectorModule(SafetensorsLoadingMixin, LightningModule):
     loss_weight: torch.Tensor
 
     """Fine-tunes ``DebertaV2ForSequenceClassification`` to flag machine-written text.
