@@ -78,5 +78,7 @@ def has_own_tokenizer(pretrained: str | None) -> bool:
         return False
     path = Path(pretrained)
     if path.exists():
-        return any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spm.model"))
+        return any(
+            (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spm.model")
+        )
     return True
