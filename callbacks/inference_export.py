@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -75,6 +75,11 @@ class InferenceExportCallback(Callback):
         self.target_fpr, self.onnx = target_fpr, onnx
         self._best: float | None = None
         self._written: list[str] = []  # epoch bundles this run wrote and still keeps, oldest first
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(dirpath=str(self.dirpath), version=self.version)
 
     @property
     def written(self) -> list[str]:
@@ -156,14 +161,14 @@ class InferenceExportCallback(Callback):
             return
         metadata = {**self._metadata(trainer, pl_module), "weights": source}
         metadata.update(choose_threshold(scores, self.target_fpr))
-        tokenizer = trainer.datamodule.tokenizer
-        write_bundle(
-            pl_module.model, tokenizer, self.dirpath, name, metadata, weights=weights, onnx=self.onnx
-        )
+        model = cast(PreTrainedModel, pl_module.model)  # checked in on_train_start
+        tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
+        write_bundle(model, tokenizer, self.dirpath, name, metadata, weights=weights, onnx=self.onnx)
 
     @staticmethod
     def _weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], str]:
-        ema = next((cb for cb in trainer.callbacks if hasattr(cb, "averaged_state_dict")), None)
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        ema = next((cb for cb in callbacks if hasattr(cb, "averaged_state_dict")), None)
         if ema is not None:
             return hf_state_dict(ema.averaged_state_dict()), "ema"
         return hf_state_dict(pl_module.state_dict()), "trained"
@@ -172,7 +177,7 @@ class InferenceExportCallback(Callback):
     def _epoch_index(trainer: pl.Trainer) -> int:
         # 0-based index of the epoch being or last trained: after fit, `current_epoch` counts the
         # completed epochs, one past the last epoch's index.
-        return max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
+        return max(trainer.fit_loop.epoch_progress.current.ready - 1, 0)
 
     def _metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         datamodule = getattr(trainer, "datamodule", None)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -178,7 +179,7 @@ def _write_contents(
     _write_tokenizer(tokenizer, folder, metadata["max_length"])
     if onnx:
         # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(folder)
+        reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         metadata["onnx_max_abs_logit_diff"] = export_and_check(
             reloaded, tokenizer, folder, metadata["max_length"]
         )
