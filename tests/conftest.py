@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny DeBERTa-v3-shaped model, a local tokenizer, a few dozen texts. No network."""
+"""Shared fixtures: tiny DeBERTa-v3-shaped models, local tokenizers, texts, tiny bundles. No network."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+from bundle_helpers import metadata, tiny_model, tiny_tokenizer
+
+from detector.bundle import write_bundle
 from detector.demo import demo_rows
 from detector.tokenizer import train_tokenizer
 
@@ -40,3 +43,27 @@ def demo_files(tmp_path: Path) -> dict[str, Path]:
         split: write_jsonl(tmp_path / f"{split}.jsonl", demo_rows(n, seed=i))
         for i, (split, n) in enumerate([("train", 96), ("val", 32), ("test", 32)])
     }
+
+
+@pytest.fixture(scope="session")
+def bundle_tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def bundle_model(bundle_tokenizer):
+    return tiny_model(bundle_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def saved_bundle(tmp_path_factory, bundle_model, bundle_tokenizer):
+    """A bundle of ``bundle_model`` without ONNX (treat as read-only)."""
+    root = tmp_path_factory.mktemp("inference")
+    return write_bundle(bundle_model, bundle_tokenizer, root, "model_v1.0_epoch3", metadata())
+
+
+@pytest.fixture(scope="session")
+def saved_onnx_bundle(tmp_path_factory, bundle_model, bundle_tokenizer):
+    """A bundle of ``bundle_model`` with ``model.onnx`` (treat as read-only)."""
+    root = tmp_path_factory.mktemp("inference")
+    return write_bundle(bundle_model, bundle_tokenizer, root, "model_v1.0_final", metadata(), onnx=True)

@@ -1,0 +1,252 @@
+"""Write an inference bundle: a Hugging Face model folder plus metadata and card, atomically, no pickle.
+
+A bundle ``root/name/`` holds ``config.json``, ``model.safetensors`` (full, unsharded), the tokenizer
+files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx``. It
+loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
+without any ``detector`` code, and with :func:`detector.inference.load_detector`.
+
+Everything is written into a temporary folder inside ``root`` (its name carries ``TEMP_MARKER``, so
+stale-temp cleanup recognises it after a crash), every file and the folder are fsynced, the folder
+is renamed into place and ``root`` is fsynced. A failure leaves no bundle folder and no partial
+files; an existing bundle is never overwritten.
+
+TorchScript is not offered: it is deprecated by PyTorch, Lightning and transformers. Use the ONNX
+export here (``onnx=True``) or ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from detector.backbone import ID2LABEL, LABEL2ID
+from detector.model_card import render_card
+from detector.onnx_export import export_and_check
+from detector.provenance import git_state, package_versions, utc_now
+from detector.thresholds import DEFAULT_THRESHOLD
+
+# TODO(lead): import TEMP_MARKER and the fsync helpers from detector.atomic once it lands.
+TEMP_MARKER = ".tmp-"
+METADATA_FILE = "training_metadata.json"
+CARD_FILE = "README.md"
+BUNDLE_FORMAT = 1
+NO_SHARDING = "100000GB"
+REQUIRED_METADATA = (
+    "version",
+    "epoch",
+    "step",
+    "metrics",
+    "checkpoint",
+    "seed",
+    "config",
+    "data_fingerprint",
+    "weights",
+    "decision_threshold",
+    "target_fpr",
+    "threshold_source",
+)
+
+
+class BundleExistsError(FileExistsError):
+    """A bundle of that name already exists; bundles are never overwritten."""
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            _fsync_file(Path(dirpath, filename))
+        _fsync_dir(Path(dirpath))
+
+
+def _jsonable(obj: Any) -> Any:
+    # Strict JSON: tensors become numbers, non-finite floats null, other objects (paths) strings.
+    if isinstance(obj, Tensor | np.ndarray | np.generic):
+        obj = obj.tolist()
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    return str(obj)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _check_name(root: Path, name: str) -> Path:
+    if not name or Path(name).name != name or name in (".", "..") or TEMP_MARKER in name:
+        raise ValueError(f"bundle name must be one plain folder name without {TEMP_MARKER!r}, got {name!r}")
+    final = root / name
+    if os.path.lexists(final):
+        raise BundleExistsError(
+            f"bundle {final} already exists and bundles are never overwritten; bump the version"
+        )
+    return final
+
+
+def _check_model(model: PreTrainedModel, weights: Mapping[str, Tensor] | None) -> None:
+    if model.config.id2label != ID2LABEL or model.config.label2id != LABEL2ID:
+        raise ValueError(f"model labels must be {ID2LABEL}, got id2label={model.config.id2label}")
+    if weights is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            "(weights need Hugging Face key names: strip a LightningModule's 'model.' prefix)"
+        )
+    wrong = [k for k, shape in expected.items() if tuple(weights[k].shape) != shape]
+    if wrong:
+        raise ValueError(f"weights have the wrong shape for {wrong[:5]}")
+
+
+def training_metadata(metadata: Mapping[str, Any], model: PreTrainedModel, name: str) -> dict[str, Any]:
+    """``metadata`` checked for ``REQUIRED_METADATA`` and completed with defaults and provenance."""
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"bundle metadata lacks {missing}; required: {list(REQUIRED_METADATA)}")
+    threshold = metadata["decision_threshold"]
+    if not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"decision_threshold must be a probability in [0, 1], got {threshold!r}")
+    completed = {
+        "format": "detector-bundle",
+        "format_version": BUNDLE_FORMAT,
+        "name": name,
+        "created_at": utc_now(),
+        "labels": {str(k): v for k, v in ID2LABEL.items()},
+        "max_length": int(model.config.max_position_embeddings),
+        "default_threshold": DEFAULT_THRESHOLD,
+        "onnx_max_abs_logit_diff": None,
+        "packages": package_versions(),
+        "git": git_state(),
+    }
+    return _jsonable({**completed, **metadata})
+
+
+def _write_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, max_length: int) -> None:
+    tokenizer.save_pretrained(folder)
+    # So that `truncation=True` alone truncates to the length the model was trained on.
+    config_file = folder / "tokenizer_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["model_max_length"] = max_length
+        _write_json(config_file, config)
+
+
+def _write_contents(
+    folder: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    weights: Mapping[str, Tensor] | None,
+    metadata: dict[str, Any],
+    onnx: bool,
+) -> None:
+    state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
+    model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
+    _write_tokenizer(tokenizer, folder, metadata["max_length"])
+    if onnx:
+        # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
+        reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        metadata["onnx_max_abs_logit_diff"] = export_and_check(
+            reloaded, tokenizer, folder, metadata["max_length"]
+        )
+    _write_json(folder / METADATA_FILE, metadata)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    _fsync_tree(tmp)
+    if os.path.lexists(final):
+        raise BundleExistsError(f"bundle {final} appeared during export; bundles are never overwritten")
+    try:
+        os.rename(tmp, final)
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise BundleExistsError(f"bundle {final} already exists; bundles are never overwritten") from err
+        raise
+    _fsync_dir(final.parent)
+
+
+def write_bundle(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    root: str | Path,
+    name: str,
+    metadata: Mapping[str, Any],
+    *,
+    weights: Mapping[str, Tensor] | None = None,
+    onnx: bool = False,
+) -> Path:
+    """Write the bundle ``root/name/`` atomically and return its path.
+
+    Args:
+        model: the classifier; gives the architecture, config and (without ``weights``) the weights.
+        tokenizer: saved with ``save_pretrained``; its ``model_max_length`` becomes ``max_length``.
+        root: the folder that receives the bundle (created if missing).
+        name: the bundle folder's name, e.g. ``model_v1.0_epoch3``.
+        metadata: the ``REQUIRED_METADATA`` fields, plus optional ones (``max_length``, default
+            the model's ``max_position_embeddings``; ``base_model``; ``dataset``); written to
+            ``training_metadata.json`` with the date, package versions and git state added.
+        weights: a full state dict with Hugging Face key names (e.g. the EMA weights) to ship
+            instead of the model's own; DTensors must be gathered to full tensors by the caller.
+        onnx: also write ``model.onnx``, checked against PyTorch (max abs logit diff <= 1e-4).
+
+    Raises:
+        BundleExistsError: ``root/name`` exists.
+        ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
+    """
+    root = Path(root)
+    final = _check_name(root, name)
+    _check_model(model, weights)
+    completed = training_metadata(metadata, model, name)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{name}{TEMP_MARKER}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, model, tokenizer, weights, completed, onnx)
+        (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
+        _commit(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_metadata(bundle: str | Path) -> dict[str, Any]:
+    """The ``training_metadata.json`` of ``bundle``."""
+    path = Path(bundle) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {bundle} is not a detector bundle")
+    return json.loads(path.read_text())

@@ -1,0 +1,185 @@
+"""Bundle names, weights, threshold and retention for exports, and ``checkpoint -> bundle`` after the fact.
+
+The :class:`~callbacks.inference_export.InferenceExportCallback` and :func:`export_checkpoint` both
+end in :func:`detector.bundle.write_bundle`; what they share lives here, free of any Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from detector.bundle import TEMP_MARKER, write_bundle
+from detector.thresholds import DEFAULT_TARGET_FPR, DEFAULT_THRESHOLD, rates_at_threshold, threshold_at_fpr
+
+VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
+MODULE_PREFIX = "model."  # DetectorModule keeps the Hugging Face classifier in its attribute `model`
+# TODO(lead): confirm with the EMA helper's state_dict layout; Lightning's own EMAWeightAveraging
+# instead keeps the EMA weights in checkpoint["state_dict"] and the raw ones in "current_model_state".
+EMA_STATE_FIELD = "averaged_state_dict"
+
+
+@runtime_checkable
+class ValidationScores(Protocol):
+    """A LightningModule that keeps its last validation pass's P(machine) and labels.
+
+    ``last_val_scores()`` returns ``(probs, labels)``, 1-D tensors over the whole validation set
+    (gathered across ranks), or None before any validation.
+    """
+
+    def last_val_scores(self) -> tuple[Tensor, Tensor] | None: ...
+
+
+def validate_version(version: str) -> str:
+    """``version`` if it is semantic ``X.Y`` or ``X.Y.Z`` (digits only), else ValueError."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version):
+        raise ValueError(f"version must be semantic X.Y or X.Y.Z, e.g. '1.0', got {version!r}")
+    return version
+
+
+def bundle_name(version: str, epoch: int | None = None) -> str:
+    """``model_v{version}_epoch{epoch}``, or ``model_v{version}_final`` when ``epoch`` is None."""
+    return f"model_v{validate_version(version)}_" + ("final" if epoch is None else f"epoch{epoch}")
+
+
+def existing_bundles(root: str | Path, version: str) -> list[str]:
+    """Names of the committed bundles of ``version`` in ``root`` (temp folders excluded), sorted."""
+    pattern = re.compile(rf"model_v{re.escape(validate_version(version))}_(final|epoch\d+)")
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and pattern.fullmatch(p.name))
+
+
+def remove_bundle(path: str | Path) -> None:
+    """Delete a bundle without ever leaving a partial one under its name.
+
+    The folder is first renamed to a temp name (atomic), so a crash mid-delete leaves only a temp
+    folder for stale-temp cleanup, never a half-deleted bundle that looks complete.
+    """
+    path = Path(path)
+    doomed = path.with_name(f"{path.name}{TEMP_MARKER}deleting-{secrets.token_hex(4)}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def hf_state_dict(module_state: Mapping[str, Tensor], prefix: str = MODULE_PREFIX) -> dict[str, Tensor]:
+    """The Hugging Face weights in a LightningModule state dict: ``prefix`` stripped, on the CPU.
+
+    DTensors (FSDP2) are gathered with ``full_tensor()``, a collective: call it on every rank.
+    """
+    weights = {}
+    for key, value in module_state.items():
+        if key.startswith(prefix):
+            value = value.full_tensor() if hasattr(value, "full_tensor") else value
+            weights[key[len(prefix) :]] = value.detach().cpu()
+    if not weights:
+        heads = sorted({k.split(".")[0] for k in module_state})
+        raise ValueError(f"no key starts with {prefix!r}; keys start with {heads}")
+    return weights
+
+
+def choose_threshold(
+    scores: tuple[Tensor, Tensor] | None, target_fpr: float = DEFAULT_TARGET_FPR
+) -> dict[str, Any]:
+    """Threshold metadata from validation ``(probs, labels)``; the 0.5 default, with the reason, without."""
+    fields: dict[str, Any] = {"target_fpr": target_fpr, "threshold_val_fpr": None, "threshold_val_tpr": None}
+    if scores is None:
+        reason = "no validation scores (the module has no last_val_scores() or it returned None)"
+        return {
+            **fields,
+            "decision_threshold": DEFAULT_THRESHOLD,
+            "threshold_source": f"default 0.5: {reason}",
+        }
+    probs, labels = scores
+    try:
+        threshold = threshold_at_fpr(probs, labels, target_fpr)
+    except ValueError as err:
+        return {**fields, "decision_threshold": DEFAULT_THRESHOLD, "threshold_source": f"default 0.5: {err}"}
+    fpr, tpr = rates_at_threshold(probs, labels, threshold)
+    n_human = int((labels == 0).sum())
+    source = f"validation set ({n_human} human, {len(labels) - n_human} machine texts)"
+    return {**fields, "decision_threshold": threshold, "threshold_source": source,
+            "threshold_val_fpr": fpr, "threshold_val_tpr": tpr}  # fmt: skip
+
+
+def checkpoint_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
+    """``(Hugging Face weights, "ema" | "trained")`` from a Lightning checkpoint dict."""
+    if use_ema:
+        for state in checkpoint.get("callbacks", {}).values():
+            if isinstance(state, Mapping) and EMA_STATE_FIELD in state:
+                return hf_state_dict(state[EMA_STATE_FIELD]), "ema"
+        if "current_model_state" in checkpoint:  # Lightning's WeightAveraging: state_dict is the average
+            return hf_state_dict(checkpoint["state_dict"]), "ema"
+    raw = checkpoint.get("current_model_state", checkpoint["state_dict"])
+    return hf_state_dict(raw), "trained"
+
+
+def _default_load_state(path: Path) -> dict[str, Any]:
+    try:
+        from detector.state_format import load_state  # type: ignore[import-not-found]
+    except ImportError as err:  # TODO(lead): drop once detector.state_format is merged
+        raise RuntimeError("detector.state_format is not available: pass load_state=") from err
+    return load_state(path)
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    out_root: str | Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    version: str = "1.0",
+    name: str | None = None,
+    use_ema: bool = True,
+    val_scores: tuple[Tensor, Tensor] | None = None,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    onnx: bool = False,
+    extra_metadata: Mapping[str, Any] | None = None,
+    load_state: Callable[[Path], Mapping[str, Any]] | None = None,
+) -> Path:
+    """Write a bundle from a saved checkpoint through :func:`write_bundle`; return its path.
+
+    Args:
+        checkpoint_path: a checkpoint in the project's safetensors format.
+        out_root: the folder receiving the bundle (``outputs/models/inference``).
+        model: a classifier of the checkpoint's architecture (its weights are not used).
+        tokenizer: the tokenizer the checkpoint was trained with.
+        version: semantic ``X.Y`` or ``X.Y.Z``; the name defaults to ``model_v{version}_epoch{N}``.
+        use_ema: ship the EMA weights when the checkpoint holds them.
+        val_scores: validation ``(probs, labels)`` of these weights, for the threshold at
+            ``target_fpr``; without them the threshold is 0.5 and the metadata says why.
+        extra_metadata: fields that override those read from the checkpoint (e.g. ``metrics``).
+        load_state: reads the checkpoint dict; defaults to ``detector.state_format.load_state``.
+    """
+    path = Path(checkpoint_path)
+    checkpoint = (load_state or _default_load_state)(path)
+    weights, source = checkpoint_weights(checkpoint, use_ema)
+    epoch = int(checkpoint.get("epoch", 0))
+    config = {
+        "model": checkpoint.get("hyper_parameters", {}),
+        "data": checkpoint.get("datamodule_hyper_parameters", {}),
+    }
+    metadata = {
+        "version": validate_version(version),
+        "epoch": epoch,
+        "step": int(checkpoint.get("global_step", 0)),
+        "metrics": checkpoint.get("metrics", {}),
+        "checkpoint": str(path),
+        "seed": checkpoint.get("seed"),
+        "config": config,
+        "data_fingerprint": checkpoint.get("data_fingerprint"),
+        "weights": source,
+        **choose_threshold(val_scores, target_fpr),
+        **(extra_metadata or {}),
+    }
+    name = name or bundle_name(version, epoch)
+    return write_bundle(model, tokenizer, out_root, name, metadata, weights=weights, onnx=onnx)

@@ -1,0 +1,82 @@
+"""Decision thresholds on P(machine) for a target false-positive rate, chosen on validation data."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_TARGET_FPR = 0.01
+
+ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
+
+
+def _as_arrays(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores)
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    s, y = s.astype(np.float64).reshape(-1), y.reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} vs {y.shape[0]}")
+    if s.size == 0:
+        raise ValueError("scores is empty: a threshold needs validation predictions")
+    if not np.isfinite(s).all():
+        raise ValueError(f"scores hold {int((~np.isfinite(s)).sum())} non-finite value(s)")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (human) or 1 (machine), got {sorted(set(y.tolist()) - {0, 1})}")
+    return s, y.astype(np.int64)
+
+
+def _allowed_false_positives(target_fpr: float, n_humans: int) -> int:
+    # The largest k with k / n <= target in float arithmetic, the same test callers apply.
+    k = math.floor(target_fpr * n_humans)
+    while k + 1 <= n_humans and (k + 1) / n_humans <= target_fpr:
+        k += 1
+    while k > 0 and k / n_humans > target_fpr:
+        k -= 1
+    return k
+
+
+def threshold_at_fpr(scores: ArrayLike, labels: ArrayLike, target_fpr: float = DEFAULT_TARGET_FPR) -> float:
+    """The lowest threshold whose false-positive rate on ``(scores, labels)`` is at most ``target_fpr``.
+
+    Tie rule: a text is predicted machine when ``score > threshold`` (strictly greater), so a score
+    equal to the threshold is human. With the 0.5 default this matches argmax over the two logits,
+    which picks human on a tie, as ``transformers.pipeline`` does.
+
+    The threshold is one of the human scores itself (the (k+1)-th highest, where k is the number
+    of false positives the target allows), so it is exact in float32 and in JSON, and the rate
+    ``#{human: score > threshold} / #humans`` is at most ``target_fpr`` on this data, ties included.
+    Among all thresholds meeting the target it predicts the most texts machine (highest TPR).
+
+    Args:
+        scores: P(machine) per text (any real scores work; only their order matters).
+        labels: 0 for human, 1 for machine, one per score.
+        target_fpr: the highest false-positive rate allowed, in ``[0, 1)``.
+
+    Returns:
+        The threshold as a Python float.
+
+    Raises:
+        ValueError: on empty or mismatched input, non-finite scores, labels outside {0, 1}, a target
+            outside ``[0, 1)``, or no human text (the false-positive rate is then undefined).
+    """
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    s, y = _as_arrays(scores, labels)
+    humans = np.sort(s[y == 0])[::-1]
+    if humans.size == 0:
+        raise ValueError("no human (label 0) text among the labels: the false-positive rate is undefined")
+    return float(humans[_allowed_false_positives(target_fpr, humans.size)])
+
+
+def rates_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> tuple[float, float]:
+    """``(fpr, tpr)`` when machine is predicted for ``score > threshold``; NaN for a class with no text."""
+    s, y = _as_arrays(scores, labels)
+    predicted = s > threshold
+    humans, machines = y == 0, y == 1
+    fpr = float(predicted[humans].mean()) if humans.any() else math.nan
+    tpr = float(predicted[machines].mean()) if machines.any() else math.nan
+    return fpr, tpr

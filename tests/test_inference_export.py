@@ -1,0 +1,256 @@
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from bundle_helpers import TEXTS, tiny_model
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from callbacks.inference_export import InferenceExportCallback
+from detector.bundle import BundleExistsError, read_metadata
+from detector.export import export_checkpoint
+from detector.thresholds import rates_at_threshold, threshold_at_fpr
+
+LABELS = [i % 2 for i in range(len(TEXTS))]
+
+
+class TinyModule(pl.LightningModule):
+    """A LightningModule with the classifier in `model` and a scripted `val_f1` per epoch."""
+
+    def __init__(self, vocab_size: int, val_f1: list[float], keep_scores: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.model = tiny_model_from_vocab(vocab_size)
+        self._probs, self._labels, self._scores = [], [], None
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        self._probs.append(logits.softmax(-1)[:, 1])
+        self._labels.append(batch["labels"])
+
+    def on_validation_epoch_end(self):
+        self.log("val_f1", self.hparams.val_f1[self.current_epoch])
+        self._scores = (torch.cat(self._probs), torch.cat(self._labels))
+        self._probs, self._labels = [], []
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class ScoredModule(TinyModule):
+    def last_val_scores(self):
+        return self._scores
+
+
+def tiny_model_from_vocab(vocab_size):
+    class _Tok:
+        def __len__(self):
+            return vocab_size
+
+    return tiny_model(_Tok()).train()
+
+
+class TinyData(pl.LightningDataModule):
+    def __init__(self, tokenizer) -> None:
+        super().__init__()
+        self.tokenizer, self.max_length = tokenizer, 32
+
+    def data_fingerprint(self) -> str:
+        return "sha256:tiny"
+
+    def _loader(self):
+        def collate(rows):
+            enc = self.tokenizer(
+                [t for t, _ in rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
+            )
+            labels = torch.tensor([y for _, y in rows])
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+        return DataLoader(list(zip(TEXTS, LABELS, strict=True)), batch_size=10, collate_fn=collate)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+
+class HalfEMA(Callback):
+    """Stands in for the EMA callback: its 'average' is half the module's current weights."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.module = pl_module
+
+    def averaged_state_dict(self):
+        return {k: v * 0.5 if v.is_floating_point() else v for k, v in self.module.state_dict().items()}
+
+
+def _fit(tmp_path, tokenizer, callback, val_f1, module_cls=ScoredModule, extra=(), ckpt_path=None):
+    pl.seed_everything(7)
+    module = module_cls(len(tokenizer), val_f1)
+    trainer = pl.Trainer(
+        max_epochs=len(val_f1), accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        limit_train_batches=1, callbacks=[callback, *extra],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=TinyData(tokenizer), ckpt_path=ckpt_path)
+    return module
+
+
+def _names(root):
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_exports_on_improvement_keeps_last_two_and_writes_final(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), keep_last=2)
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.7, 0.6, 0.8, math.nan])
+    assert _names(tmp_path / "inference") == ["model_v1.0_epoch1", "model_v1.0_epoch3", "model_v1.0_final"]
+    assert callback.written == ["model_v1.0_epoch1", "model_v1.0_epoch3"]
+    assert read_metadata(tmp_path / "inference" / "model_v1.0_epoch3")["metrics"]["val_f1"] == pytest.approx(
+        0.8
+    )
+
+
+def test_min_mode_exports_when_the_metric_falls(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), mode="min", version="2.1.3")
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.7, 0.4])
+    assert _names(tmp_path / "inference") == [
+        "model_v2.1.3_epoch0",
+        "model_v2.1.3_epoch2",
+        "model_v2.1.3_final",
+    ]
+
+
+def test_every_n_epochs_exports_regardless_of_the_metric(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), every_n_epochs=2)
+    _fit(tmp_path, bundle_tokenizer, callback, [0.9, 0.1, 0.1, 0.1])
+    assert _names(tmp_path / "inference") == ["model_v1.0_epoch1", "model_v1.0_epoch3", "model_v1.0_final"]
+
+
+def test_final_bundle_holds_the_trained_weights_and_the_run_metadata(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), version="1.2", target_fpr=0.2)
+    module = _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6])
+    meta = read_metadata(tmp_path / "inference" / "model_v1.2_final")
+    probs, labels = module.last_val_scores()
+    assert meta["decision_threshold"] == threshold_at_fpr(probs, labels, 0.2)
+    assert rates_at_threshold(probs, labels, meta["decision_threshold"])[0] <= 0.2
+    assert meta["threshold_source"] == "validation set (15 human, 15 machine texts)"
+    assert (meta["version"], meta["epoch"], meta["step"]) == ("1.2", 1, 2)
+    assert (meta["seed"], meta["weights"]) == (7, "trained")
+    assert (meta["data_fingerprint"], meta["max_length"], meta["target_fpr"]) == ("sha256:tiny", 32, 0.2)
+    assert meta["metrics"] == {"val_f1": pytest.approx(0.6)}
+    assert meta["config"]["model"] == {
+        "vocab_size": len(bundle_tokenizer),
+        "val_f1": [0.5, 0.6],
+        "keep_scores": True,
+    }
+    assert meta["checkpoint"] is None and meta["resumed_from"] is None
+    shipped = load_file(tmp_path / "inference" / "model_v1.2_final" / "model.safetensors")
+    expected = module.model.state_dict()
+    assert shipped.keys() == expected.keys()
+    assert all(torch.equal(shipped[k], expected[k]) for k in expected)
+
+
+def test_ema_weights_are_shipped_when_an_ema_callback_is_present(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"))
+    module = _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6], extra=[HalfEMA()])
+    bundle = tmp_path / "inference" / "model_v1.0_final"
+    shipped = load_file(bundle / "model.safetensors")
+    assert all(torch.equal(shipped[k], v * 0.5) for k, v in module.model.state_dict().items())
+    assert read_metadata(bundle)["weights"] == "ema"
+
+
+def test_threshold_falls_back_to_half_without_validation_scores(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"))
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5], module_cls=TinyModule)
+    meta = read_metadata(tmp_path / "inference" / "model_v1.0_final")
+    assert meta["decision_threshold"] == 0.5
+    assert meta["threshold_source"].startswith("default 0.5: no validation scores")
+
+
+def test_existing_bundles_of_the_version_stop_the_run_before_training(tmp_path, bundle_tokenizer):
+    root = tmp_path / "inference"
+    (root / "model_v1.0_final").mkdir(parents=True)
+    (root / "model_v1.0_final" / "config.json").write_text("{}")
+    callback = InferenceExportCallback(dirpath=str(root))
+    with pytest.raises(BundleExistsError, match=r"\['model_v1\.0_final'\].*bump `version`"):
+        _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6])
+    assert _names(root) == ["model_v1.0_final"]
+    assert (root / "model_v1.0_final" / "config.json").read_text() == "{}"
+
+
+def test_resumed_run_accepts_and_prunes_the_bundles_it_wrote(tmp_path, bundle_tokenizer):
+    root = tmp_path / "inference"
+    first = InferenceExportCallback(dirpath=str(root), keep_last=1)
+    _fit(tmp_path, bundle_tokenizer, first, [0.5])
+    (root / "model_v1.0_final").rename(tmp_path / "released")  # the interrupted run had no final
+    second = InferenceExportCallback(dirpath=str(root), keep_last=1)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    # Epoch 0 is in the restored state, so it is neither a conflict nor written again.
+    _fit(tmp_path, bundle_tokenizer, second, [0.9, 0.95])
+    assert _names(root) == ["model_v1.0_epoch1", "model_v1.0_final"]
+
+
+def test_state_of_another_version_is_not_ours_to_prune():
+    callback = InferenceExportCallback(version="2.0")
+    callback.load_state_dict({"best": 0.9, "written": ["model_v1.0_epoch3"], "version": "1.0"})
+    assert callback.written == []
+    assert callback.state_dict() == {"best": 0.9, "written": [], "version": "2.0"}
+
+
+def test_missing_monitor_names_what_was_logged(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), monitor="val_auroc")
+    with pytest.raises(KeyError, match=r"`val_auroc` was not logged; logged: \['val_f1'\]"):
+        _fit(tmp_path, bundle_tokenizer, callback, [0.5])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"version": "1"}, "semantic"),
+        ({"version": "v1.0"}, "semantic"),
+        ({"version": "1.0.0.0"}, "semantic"),
+        ({"mode": "best"}, "mode"),
+        ({"keep_last": 0}, "keep_last"),
+        ({"every_n_epochs": 0}, "every_n_epochs"),
+        ({"target_fpr": 1.0}, "target_fpr"),
+    ],
+)
+def test_bad_options_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InferenceExportCallback(**kwargs)
+
+
+def _checkpoint(model):
+    raw = {f"model.{k}": v for k, v in model.state_dict().items()}
+    ema = {f"model.{k}": v * 0.5 for k, v in model.state_dict().items()}
+    return {
+        "state_dict": raw, "epoch": 4, "global_step": 90, "hyper_parameters": {"lr": 0.1},
+        "callbacks": {"EMACallback{'decay': 0.999}": {"averaged_state_dict": ema}},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("use_ema", "factor", "source"), [(True, 0.5, "ema"), (False, 1.0, "trained")])
+def test_export_checkpoint_ships_the_chosen_weights(
+    tmp_path, bundle_model, bundle_tokenizer, use_ema, factor, source
+):
+    checkpoint = _checkpoint(bundle_model)
+    path = export_checkpoint(
+        tmp_path / "checkpoint_epoch_4.safetensors", tmp_path / "inference", bundle_model, bundle_tokenizer,
+        version="1.1", use_ema=use_ema, load_state=lambda p: checkpoint,
+    )  # fmt: skip
+    assert path.name == "model_v1.1_epoch4"
+    shipped = load_file(path / "model.safetensors")
+    assert all(torch.equal(shipped[k], v * factor) for k, v in bundle_model.state_dict().items())
+    meta = read_metadata(path)
+    assert (meta["weights"], meta["epoch"], meta["step"]) == (source, 4, 90)
+    assert meta["checkpoint"] == str(tmp_path / "checkpoint_epoch_4.safetensors")
+    assert meta["config"] == {"model": {"lr": 0.1}, "data": {}}
+    assert meta["decision_threshold"] == 0.5
