@@ -16,7 +16,7 @@ from detector.metrics import classification_metrics
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
 
-class DetectorModule(SafetensorsLoadingMixin, LightningModule):
+class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[misc]
     loss_weight: torch.Tensor
 
     """Fine-tunes ``DebertaV2ForSequenceClassification`` to flag machine-written text.
