@@ -289,25 +289,10 @@ def test_docstring_yaml_builds_the_callback_through_jsonargparse() -> None:
     assert callback.eval_with_ema_for == {"validate", "test"}
 
 
-DDP_SCRIPT = """
-import sys
-from pathlib import Path
-
-import lightning.pytorch as pl
-import torch
-
-sys.path.insert(0, sys.argv[2])
-from test_ema_callback import Tiny, _loader, _trainer  # noqa: E402
-
-from callbacks.ema import EMACallback  # noqa: E402
-
-out = Path(sys.argv[1])
-ema = EMACallback(decay=0.8, warmup=True)
-trainer = _trainer([ema], max_epochs=2, devices=2, strategy="ddp")
-trainer.fit(Tiny(), _loader())
-trainer.save_checkpoint(out / "last.ckpt")
-torch.save(ema.averaged_state_dict(), out / f"ema_rank{trainer.global_rank}.pt")
-"""
+def _run_two_processes(kind: str, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = REPO / "tests" / "ema_multiprocess.py"
+    subprocess.run([sys.executable, str(script), kind, str(out)], env=env, check=True, timeout=600)
 
 
 def _single_process_reference() -> dict[str, Tensor]:
@@ -333,12 +318,7 @@ def _single_process_reference() -> dict[str, Tensor]:
 
 @pytest.mark.slow
 def test_ddp_ranks_keep_the_same_ema_equal_to_a_single_process_run(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_ema.py"
-    script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(REPO / "tests")], env=env, check=True, timeout=300
-    )
+    _run_two_processes("ddp", tmp_path)
     rank0 = torch.load(tmp_path / "ema_rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "ema_rank1.pt", weights_only=True)
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["callbacks"]["EMACallback"]
@@ -346,3 +326,15 @@ def test_ddp_ranks_keep_the_same_ema_equal_to_a_single_process_run(tmp_path: Pat
     expected = _single_process_reference()
     for name, value in expected.items():
         torch.testing.assert_close(saved["ema"][name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_ranks_average_their_shards_and_resume_exactly(tmp_path: Path) -> None:
+    _run_two_processes("fsdp2", tmp_path)
+    rank0 = torch.load(tmp_path / "fsdp2_rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "fsdp2_rank1.pt", weights_only=True)
+    # 8 steps, updates every 3rd: step 3 before the save, step 6 after the resume.
+    assert rank0["num_updates"] == rank1["num_updates"] == [2, 2]
+    assert rank0["straight"].keys() == Tiny().state_dict().keys()
+    assert _equal(rank0["straight"], rank1["straight"]) and _equal(rank0["resumed"], rank1["resumed"])
+    assert _equal(rank0["resumed"], rank0["straight"])
