@@ -33,15 +33,18 @@ class EMACallback(Callback):
 
     - Validation (and test/predict if listed in ``eval_with_ema_for``) runs on the EMA weights, swapped
       in at ``on_validation_start`` and out at ``on_validation_end``: ``val_f1`` and the top-K ranking
-      measure the EMA. Lightning runs ``Checkpoint`` callbacks' hooks after all others, so a checkpoint
-      saved in their ``on_validation_end`` holds the raw weights and the EMA that earned the score.
+      measure the EMA. Lightning runs ``Checkpoint`` callbacks' hooks after all others (its
+      ``_reorder_callbacks``), so a checkpoint saved in their ``on_validation_end`` holds the raw
+      weights and the EMA that earned the score.
     - A checkpoint's model ``state_dict`` is always the raw training weights, even when saved while the
       EMA is swapped in; the EMA tensors, update count and settings live in this callback's state.
     - Resume restores the raw weights for training and the EMA and its counter for averaging.
     - After fit the module holds the raw weights; ``averaged_state_dict()`` gives the EMA.
     - DDP: every rank keeps the same EMA (the weights are equal after each step); rank zero writes.
       FSDP2 / tensor parallel (``ModelParallelStrategy``): each rank averages its DTensor shard; the
-      state and ``averaged_state_dict()`` gather full tensors (a collective: call on every rank).
+      state and ``averaged_state_dict()`` gather full tensors into CPU memory (a collective: call on
+      every rank), and loading re-shards them. Lightning's sharded checkpoint keeps callback state in
+      rank zero's metadata file, so the EMA is stored there whole, not as shards.
       ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are refused with a ValueError.
 
     Why not a subclass of Lightning's ``WeightAveraging``: it deep-copies the whole LightningModule into

@@ -66,6 +66,9 @@ class EMASchedule:
         return step > self.start_step and epoch >= self.start_epoch and step % self.every_n_steps == 0
 
 
+_CAST_CHUNK_NUMEL = 1 << 24  # 64 MiB of float32
+
+
 def _local(tensor: Tensor) -> Tensor:
     # In-place ops on a DTensor's local tensor act on the rank's shard (FSDP2 keeps it as a view).
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
@@ -75,6 +78,26 @@ def _master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else dtype
 
 
+def _lerp_groups(targets: list[Tensor], averages: list[Tensor]) -> list[list[int]]:
+    # Entries already in the averages' dtype and device go in one fused call; the others are cast in
+    # chunks so the temporary float32 copies never add up to a second copy of the model.
+    direct: list[int] = []
+    chunks: list[list[int]] = [[]]
+    chunk_numel = 0
+    for i, (target, average) in enumerate(zip(targets, averages, strict=True)):
+        if not target.dtype.is_floating_point:
+            continue
+        if (target.dtype, target.device) == (average.dtype, average.device):
+            direct.append(i)
+            continue
+        if chunk_numel >= _CAST_CHUNK_NUMEL:
+            chunks.append([])
+            chunk_numel = 0
+        chunks[-1].append(i)
+        chunk_numel += target.numel()
+    return [group for group in (direct, *chunks) if group]
+
+
 def _gather(average: Tensor, target: Tensor) -> Tensor:
     if not isinstance(target, DTensor):
         return average.detach()
@@ -82,7 +105,7 @@ def _gather(average: Tensor, target: Tensor) -> Tensor:
     sharded = DTensor.from_local(
         average.to(mesh.device_type), mesh, target.placements, shape=target.shape, stride=target.stride()
     )
-    return sharded.full_tensor().to(average.device)
+    return sharded.full_tensor().cpu()  # one full tensor at a time on the accelerator
 
 
 class ExponentialMovingAverage:
@@ -91,7 +114,8 @@ class ExponentialMovingAverage:
     Floating-point entries are averaged in float32 (float64 stays float64) whatever the module's dtype;
     other entries (integer counters, masks) are copied. Entries are keyed like ``module.state_dict()``;
     tensors shared under several names are averaged once. With DTensor parameters (FSDP2, tensor
-    parallel) each rank averages its local shard; ``state_dict`` gathers full tensors, collectively.
+    parallel) each rank averages its local shard; ``state_dict`` gathers full tensors to CPU memory on
+    every rank (a collective: all ranks must call it).
 
     Build it once the module is on its device and sharded: it holds references to the module's tensors.
 
@@ -117,7 +141,7 @@ class ExponentialMovingAverage:
         self._averages = [
             t.to(device=self.device or t.device, dtype=_master_dtype(t.dtype), copy=True) for t in locals_
         ]
-        self._averaged = [i for i, t in enumerate(self._targets) if t.dtype.is_floating_point]
+        self._groups = _lerp_groups(locals_, self._averages)
         self._copied = [i for i, t in enumerate(self._targets) if not t.dtype.is_floating_point]
 
     @property
@@ -139,10 +163,10 @@ class ExponentialMovingAverage:
     def _fold(self, decay: float) -> None:
         if self.swapped:
             raise RuntimeError("cannot update the EMA while its weights are swapped into the module")
-        averages = [self._averages[i] for i in self._averaged]
-        current = [_local(self._targets[i]) for i in self._averaged]
-        current = [c.to(device=a.device, dtype=a.dtype) for c, a in zip(current, averages, strict=True)]
-        if averages:
+        for group in self._groups:
+            averages = [self._averages[i] for i in group]
+            current = [_local(self._targets[i]) for i in group]
+            current = [c.to(a.device, a.dtype) for c, a in zip(current, averages, strict=True)]
             torch._foreach_lerp_(averages, current, 1.0 - decay)
         if self._copied:
             torch._foreach_copy_(

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from detector import ema as ema_core
 from detector.ema import EMASchedule, ExponentialMovingAverage
 
 
@@ -36,6 +37,10 @@ def _set(module: nn.Module, **values: list[float]) -> None:
     with torch.no_grad():
         for name, value in values.items():
             getattr(module, name).copy_(torch.tensor(value))
+
+
+def _equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
 
 def test_update_matches_hand_computed_values_on_two_parameters() -> None:
@@ -128,6 +133,22 @@ def test_master_copy_is_float32_for_a_bf16_module_and_keeps_small_updates() -> N
     # 1 + 0.01 * 2**-7 rounds to 1.0 in bf16; the float32 master keeps it.
     expected = torch.lerp(torch.tensor([1.0, 2.0]), model.a.float(), 1.0 - 0.99)
     assert torch.equal(a, expected) and a[0].item() != 1.0
+
+
+def test_casting_in_chunks_gives_the_same_averages(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5), nn.Linear(5, 2)).to(torch.bfloat16)
+    whole = ExponentialMovingAverage(model)
+    monkeypatch.setattr(ema_core, "_CAST_CHUNK_NUMEL", 10)
+    chunked = ExponentialMovingAverage(model)
+    assert len(chunked._groups) == 4 and len(whole._groups) == 1  # sizes 12 | 3, 15 | 5, 10 | 2
+    for decay in (0.0, 0.9, 0.9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        whole.update(decay)
+        chunked.update(decay)
+    assert _equal_states(chunked.state_dict(), whole.state_dict())
 
 
 def test_float_buffers_are_averaged_and_other_buffers_copied() -> None:
