@@ -10,7 +10,7 @@ from detector.cli import build_cli
 # Verbs beside LightningCLI's own: each module has ``main(argv) -> int``.
 TOOLS = {
     "checkpoints": "detector.checkpoint_tool",
-    "export": "detector.export",
+    "export": "detector.export_cmd",
     "score": "detector.score",
 }
 

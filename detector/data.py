@@ -17,7 +17,7 @@ from detector.demo import write_demo_corpus
 from detector.loader import ResumableBatchSampler, ResumableDataLoader
 from detector.records import Records, read_records
 from detector.splits import stratified_group_split
-from detector.tokenizer import load_or_train_tokenizer
+from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
 
 
 class EncodedDataset(Dataset):
@@ -152,6 +152,16 @@ class DetectorDataModule(LightningDataModule):
     def vocab_size(self) -> int:
         """Size of the tokenizer's vocabulary (the CLI links it to the model)."""
         return len(self.tokenizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoints carry the tokenizer's files, so a checkpoint alone can be scored or exported."""
+        return {
+            "tokenizer_files": tokenizer_files(self.tokenizer),
+            "data_fingerprint": self.data_fingerprint(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the data order lives in the resumable loader's own state."""
 
     def setup(self, stage: str) -> None:
         paths = self._paths()

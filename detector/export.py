@@ -22,9 +22,10 @@ from detector.thresholds import DEFAULT_TARGET_FPR, DEFAULT_THRESHOLD, rates_at_
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
 MODULE_PREFIX = "model."  # DetectorModule keeps the Hugging Face classifier in its attribute `model`
-# TODO(lead): confirm with the EMA helper's state_dict layout; Lightning's own EMAWeightAveraging
-# instead keeps the EMA weights in checkpoint["state_dict"] and the raw ones in "current_model_state".
-EMA_STATE_FIELD = "averaged_state_dict"
+# callbacks.ema.EMACallback keeps its averaged tensors under this field of its checkpoint state;
+# Lightning's own EMAWeightAveraging instead puts them in "state_dict" and the raw ones in
+# "current_model_state" (both layouts are read).
+EMA_STATE_FIELD = "ema"
 
 
 @runtime_checkable
@@ -112,10 +113,18 @@ def choose_threshold(
 
 
 def checkpoint_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
-    """``(Hugging Face weights, "ema" | "trained")`` from a Lightning checkpoint dict."""
+    """``(Hugging Face weights, "ema" | "trained")`` from a Lightning checkpoint dict.
+
+    The EMA weights are the ``EMACallback`` state's ``ema`` tensors once it has folded in an update;
+    before that the EMA equals the training weights, which are shipped as such.
+    """
     if use_ema:
         for state in checkpoint.get("callbacks", {}).values():
-            if isinstance(state, Mapping) and EMA_STATE_FIELD in state:
+            if (
+                isinstance(state, Mapping)
+                and EMA_STATE_FIELD in state
+                and int(state.get("num_updates", 0)) > 0
+            ):
                 return hf_state_dict(state[EMA_STATE_FIELD]), "ema"
         if "current_model_state" in checkpoint:  # Lightning's WeightAveraging: state_dict is the average
             return hf_state_dict(checkpoint["state_dict"]), "ema"

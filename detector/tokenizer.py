@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,3 +47,20 @@ def load_or_train_tokenizer(
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder)
     return tokenizer
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The tokenizer's saved files as ``{file name: text}``, to carry inside a checkpoint."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(folder).iterdir())}
+
+
+def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
+    """Rebuild a tokenizer from :func:`tokenizer_files` output."""
+    if "tokenizer_config.json" not in files:
+        raise ValueError(f"no tokenizer_config.json among the tokenizer files {sorted(files)}")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in files.items():
+            (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
+        return AutoTokenizer.from_pretrained(folder)

@@ -233,8 +233,22 @@ def _checkpoint(model):
     ema = {f"model.{k}": v * 0.5 for k, v in model.state_dict().items()}
     return {
         "state_dict": raw, "epoch": 4, "global_step": 90, "hyper_parameters": {"lr": 0.1},
-        "callbacks": {"EMACallback{'decay': 0.999}": {"averaged_state_dict": ema}},
+        "callbacks": {"EMACallback": {"ema": ema, "num_updates": 3}},
     }  # fmt: skip
+
+
+def test_export_checkpoint_ships_raw_weights_before_the_first_ema_update(
+    tmp_path, bundle_model, bundle_tokenizer
+):
+    checkpoint = _checkpoint(bundle_model)
+    checkpoint["callbacks"]["EMACallback"]["num_updates"] = 0
+    path = export_checkpoint(
+        tmp_path / "c.safetensors", tmp_path / "inference", bundle_model, bundle_tokenizer,
+        load_state=lambda p: checkpoint,
+    )  # fmt: skip
+    shipped = load_file(path / "model.safetensors")
+    for key, value in bundle_model.state_dict().items():
+        assert torch.equal(shipped[key], value), key
 
 
 @pytest.mark.parametrize(("use_ema", "factor", "source"), [(True, 0.5, "ema"), (False, 1.0, "trained")])

@@ -1,6 +1,12 @@
 from transformers import AutoTokenizer, DebertaV2Tokenizer
 
-from detector.tokenizer import SPECIAL_TOKENS, load_or_train_tokenizer, train_tokenizer
+from detector.tokenizer import (
+    SPECIAL_TOKENS,
+    load_or_train_tokenizer,
+    tokenizer_files,
+    tokenizer_from_files,
+    train_tokenizer,
+)
 
 
 def test_trained_tokenizer_round_trips_through_save_and_auto(tmp_path, texts):
@@ -22,3 +28,11 @@ def test_load_or_train_reuses_a_saved_tokenizer(tmp_path, texts):
     # Different texts would give a different vocab: reuse means the saved one comes back.
     second = load_or_train_tokenizer(tmp_path / "tok", ["completely other words"] * 10, vocab_size=300)
     assert second.get_vocab() == first.get_vocab()
+
+
+def test_tokenizer_travels_as_files(texts):
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    files = tokenizer_files(tokenizer)
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
+    rebuilt = tokenizer_from_files(files)
+    assert rebuilt(texts[:3])["input_ids"] == tokenizer(texts[:3])["input_ids"]
