@@ -1,0 +1,96 @@
+"""Tests for detector.atomic: temp names, commit, links, stale-temp cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from detector import atomic
+from detector.atomic import TEMP_MARKER, atomic_link, clean_stale_temps, commit_file, temp_path_for
+
+
+def test_temp_path_is_hidden_in_the_same_folder_and_unique(tmp_path: Path) -> None:
+    final = tmp_path / "checkpoint_latest.safetensors"
+    first, second = temp_path_for(final), temp_path_for(final)
+    assert first.parent == tmp_path
+    assert first.name.startswith(f".checkpoint_latest.safetensors{TEMP_MARKER}{os.getpid()}-")
+    assert first != second
+
+
+def test_commit_file_replaces_the_final_file(tmp_path: Path) -> None:
+    final = tmp_path / "a.bin"
+    final.write_bytes(b"old")
+    tmp = temp_path_for(final)
+    tmp.write_bytes(b"new")
+    commit_file(tmp, final)
+    assert final.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_commit_file_refuses_a_temp_in_another_folder(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    tmp = tmp_path / "other" / "x"
+    tmp.write_bytes(b"x")
+    with pytest.raises(ValueError, match="must be in the folder"):
+        commit_file(tmp, tmp_path / "a.bin")
+
+
+def test_atomic_link_shares_the_inode_and_replaces_the_target(tmp_path: Path) -> None:
+    src, final = tmp_path / "epoch_3.safetensors", tmp_path / "best.safetensors"
+    src.write_bytes(b"new")
+    final.write_bytes(b"old")
+    atomic_link(src, final)
+    assert final.read_bytes() == b"new"
+    assert final.stat().st_ino == src.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "epoch_3.safetensors"]
+
+
+def test_atomic_link_copies_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: Path, dst: Path) -> None:
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(atomic.os, "link", refuse)
+    src, final = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"data")
+    atomic_link(src, final)
+    assert final.read_bytes() == b"data"
+    assert final.stat().st_ino != src.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_atomic_link_leaves_no_temp_when_the_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(src: Path, dst: Path) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(atomic.os, "replace", fail)
+    src, final = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"data")
+    final.write_bytes(b"old")
+    with pytest.raises(OSError, match="injected"):
+        atomic_link(src, final)
+    assert final.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_clean_stale_temps_removes_only_temp_files_and_folders(tmp_path: Path) -> None:
+    keep = [tmp_path / "checkpoint_latest.safetensors", tmp_path / "notes.tmp"]
+    stale_file = temp_path_for(keep[0])
+    stale_dir = tmp_path / f".bundle{TEMP_MARKER}123-abcd"
+    for path in [*keep, stale_file]:
+        path.write_bytes(b"x")
+    stale_dir.mkdir()
+    (stale_dir / "weights.safetensors").write_bytes(b"x")
+    removed = clean_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([stale_file, stale_dir])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+def test_clean_stale_temps_of_a_missing_folder_is_empty(tmp_path: Path) -> None:
+    assert clean_stale_temps(tmp_path / "absent") == []
