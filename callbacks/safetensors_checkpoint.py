@@ -221,7 +221,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self._tracker.clear_deletions()
 
     def _skip(self, trainer: pl.Trainer) -> bool:
-        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+        fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or fast_dev_run
 
     def _monitored_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
         logged = trainer.callback_metrics
