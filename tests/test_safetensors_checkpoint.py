@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -64,10 +65,9 @@ class ScriptedModule(pl.LightningModule):
 
 
 def make_trainer(callback: SafetensorsTopKCheckpoint, **kwargs: Any) -> pl.Trainer:
-    options = {"max_epochs": 4, "num_sanity_val_steps": 0, **kwargs}
+    options = {"max_epochs": 4, "num_sanity_val_steps": 0, "devices": 1, **kwargs}
     return pl.Trainer(
         accelerator="cpu",
-        devices=1,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -295,3 +295,43 @@ def test_signal_mid_training_leaves_latest_at_the_step_reached(tmp_path: Path, s
     assert state["global_step"] == reached
     assert reached >= 5
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == [LATEST]
+
+
+DDP_CHILD = """
+import hashlib, json, sys
+import lightning.pytorch as pl
+from tests.test_safetensors_checkpoint import LIMITS, SCORES, ScriptedModule, make_trainer
+from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+
+folder, max_epochs, ckpt, out = sys.argv[1], int(sys.argv[2]), sys.argv[3] or None, sys.argv[4]
+pl.seed_everything(0)
+callback = SafetensorsTopKCheckpoint(folder, async_save=True, **LIMITS)
+trainer = make_trainer(callback, max_epochs=max_epochs, strategy="ddp", devices=2)
+module = ScriptedModule(SCORES, batches=8)
+trainer.fit(module, ckpt_path=ckpt)
+weights = b"".join(t.numpy().tobytes() for t in module.state_dict().values())
+if trainer.is_global_zero:
+    with open(out, "w") as f:
+        json.dump({"weights": hashlib.sha256(weights).hexdigest(), "world": trainer.world_size}, f)
+"""
+
+
+def _ddp_fit(tmp_path: Path, folder: str, max_epochs: int, ckpt: str = "") -> dict[str, Any]:
+    script = tmp_path / "ddp_child.py"
+    script.write_text(DDP_CHILD)
+    out = tmp_path / f"{folder}-{max_epochs}.json"
+    args = [sys.executable, str(script), str(tmp_path / folder), str(max_epochs), ckpt, str(out)]
+    subprocess.run(args, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=300)
+    return {**json.loads(out.read_text()), "files": inodes(tmp_path / folder)}
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_async_resume_matches_the_straight_run(tmp_path: Path) -> None:
+    straight = _ddp_fit(tmp_path, "straight", 4)
+    _ddp_fit(tmp_path, "resumed", 2)
+    resumed = _ddp_fit(tmp_path, "resumed", 4, str(tmp_path / "resumed" / LATEST))
+    assert straight["world"] == 2
+    assert set(straight["files"]) == set(resumed["files"]) == EXPECTED
+    assert resumed["weights"] == straight["weights"]
+    state = load_state(tmp_path / "resumed" / LATEST)
+    assert len(state["rng_states"]) == 2
