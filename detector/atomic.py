@@ -84,6 +84,7 @@ def atomic_link(src: Path, final: Path) -> None:
 def clean_stale_temps(folder: Path) -> list[Path]:
     """Remove the temp files and folders a crashed run left in ``folder``; return what was removed.
 
+    Temps are the hidden names that carry ``TEMP_MARKER`` (as :func:`temp_path_for` makes them).
     Call it when no other process is writing into ``folder`` (at the start of a run, on rank zero).
     """
     folder = Path(folder)
@@ -91,7 +92,7 @@ def clean_stale_temps(folder: Path) -> list[Path]:
         return []
     removed = []
     for entry in sorted(folder.iterdir()):
-        if TEMP_MARKER not in entry.name:
+        if not (entry.name.startswith(".") and TEMP_MARKER in entry.name):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -40,6 +40,7 @@ CHECKSUM_KIND = "sha256-tree"
 CHECKSUM_FIELD = f'"checksum":"{CHECKSUM_KIND}:'.encode()
 _PLACEHOLDER = "0" * 64
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
+_THREADED_PIECE_BYTES = 1 << 20
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _PICKLE_REFUSED = (
     "a pickle file (torch.save / Lightning .ckpt), not a safetensors checkpoint; it was not loaded."
@@ -56,6 +57,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    kind: str = "tensor"  # or "ndarray": what the state holds in its place
 
     @property
     def nbytes(self) -> int:
@@ -72,21 +74,26 @@ class Layout:
 
 
 class PieceHasher:
-    """SHA-256 of each piece in worker threads, at most a few in flight; see the module docstring."""
+    """SHA-256 of each piece, big ones in worker threads with a few in flight; see the module docstring."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="checkpoint-hash")
-        self._pending: deque[Future[bytes]] = deque()
+        self._pool: ThreadPoolExecutor | None = None  # started at the first big piece
+        self._pending: deque[Future[bytes] | bytes] = deque()
         self._digests: list[bytes] = []
 
     def feed(self, piece: memoryview) -> None:
         if len(self._pending) >= 2 * _WORKERS:
-            self._digests.append(self._pending.popleft().result())
+            self._digests.append(_result(self._pending.popleft()))
+        if len(piece) < _THREADED_PIECE_BYTES:  # a thread hand-off costs more than hashing it here
+            self._pending.append(_sha256(piece))
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="checkpoint-hash")
         self._pending.append(self._pool.submit(_sha256, piece))
 
     def hexdigest(self, header: bytes) -> str:
         while self._pending:
-            self._digests.append(self._pending.popleft().result())
+            self._digests.append(_result(self._pending.popleft()))
         total = hashlib.sha256(header)
         for digest in self._digests:
             total.update(digest)
@@ -96,7 +103,12 @@ class PieceHasher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(pending: Future[bytes] | bytes) -> bytes:
+    return pending if isinstance(pending, bytes) else pending.result()
 
 
 def _sha256(piece: memoryview) -> bytes:
@@ -106,7 +118,7 @@ def _sha256(piece: memoryview) -> bytes:
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, in C order; copies only a tensor that is not already a contiguous CPU one."""
     tensor = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:

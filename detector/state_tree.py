@@ -12,6 +12,7 @@ subclass (a ``defaultdict``, a named tuple) is refused rather than silently rest
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import pathlib
 from collections import OrderedDict
@@ -74,6 +75,9 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
 
 def unflatten_state(tensors: Mapping[str, Any], skeleton: Any) -> Any:
     """Rebuild the tree :func:`flatten_state` split; ``tensors`` maps names to tensors (or placeholders).
+
+    A placeholder that is a dataclass with a ``kind`` field gets ``kind="ndarray"`` where it stands
+    for a NumPy array.
 
     Raises:
         CheckpointFormatError: if the skeleton is malformed or names a tensor that is missing.
@@ -240,8 +244,8 @@ def _tensor(node: dict[str, Any], path: tuple[Any, ...], tensors: Mapping[str, A
 
 def _decode_ndarray(node: dict[str, Any], path: tuple[Any, ...], tensors: Mapping[str, Any]) -> Any:
     tensor = _tensor(node, path, tensors)
-    if not isinstance(tensor, torch.Tensor):  # a header-only placeholder
-        return tensor
+    if not isinstance(tensor, torch.Tensor):  # a header-only placeholder; say it stands for an array
+        return dataclasses.replace(tensor, kind="ndarray") if hasattr(tensor, "kind") else tensor
     array = tensor.cpu().numpy()
     if array.dtype != np.dtype(node["dtype"]):
         raise CheckpointFormatError(f"{format_key_path(path)}: array dtype {array.dtype} != {node['dtype']}")

@@ -80,7 +80,11 @@ def test_atomic_link_leaves_no_temp_when_the_rename_fails(
 
 
 def test_clean_stale_temps_removes_only_temp_files_and_folders(tmp_path: Path) -> None:
-    keep = [tmp_path / "checkpoint_latest.safetensors", tmp_path / "notes.tmp"]
+    keep = [
+        tmp_path / "checkpoint_latest.safetensors",
+        tmp_path / "notes.tmp",
+        tmp_path / f"run{TEMP_MARKER}1",
+    ]
     stale_file = temp_path_for(keep[0])
     stale_dir = tmp_path / f".bundle{TEMP_MARKER}123-abcd"
     for path in [*keep, stale_file]:

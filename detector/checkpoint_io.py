@@ -1,0 +1,121 @@
+"""Lightning integration of the state format: a CheckpointIO plugin and pickle-free module loading.
+
+``Trainer(plugins=[SafetensorsCheckpointIO()])`` makes every ``trainer.save_checkpoint`` write, and
+every ``ckpt_path=...`` (``fit`` resume, ``validate``, ``test``, ``predict``) read, this format; the
+trainer's own restore machinery then restores model, optimizers, schedulers, loops and callbacks.
+
+``LightningModule.load_from_checkpoint`` does not go through the CheckpointIO: in Lightning 2.6 it
+calls ``torch.load`` directly (``lightning.pytorch.core.saving._load_from_checkpoint`` -> ``pl_load``).
+:class:`SafetensorsLoadingMixin` overrides it for a module class, reading the file with
+:func:`detector.state_format.load_state` and handing the dict to the same Lightning code that builds
+the module from a loaded checkpoint (``_pl_migrate_checkpoint`` and ``_load_state``, private but stable
+across 2.6.x; ``tests/test_checkpoint_io.py`` pins the behaviour).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.saving import _load_state
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
+from typing_extensions import override
+
+from detector.atomic import fsync_dir
+from detector.state_format import load_state, save_state
+
+_Module = TypeVar("_Module", bound="pl.LightningModule")
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Writes and reads the whole Lightning checkpoint as one checksummed safetensors file, without pickle.
+
+    Saves are atomic (temp file in the same folder, fsync, rename, folder fsync); loads verify the
+    checksum and refuse anything that is not an intact checkpoint of this format (a pickled ``.ckpt``
+    included; convert one with ``python -m detector checkpoints convert``).
+    """
+
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(checkpoint, path)
+
+    @override
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # weights_only is torch.load's pickle restriction; nothing here unpickles, so it is moot.
+        return load_state(path, map_location=_as_device(map_location))
+
+    @override
+    def remove_checkpoint(self, path: _PATH) -> None:
+        path = Path(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            fsync_dir(path.parent)
+
+
+def load_module_from_checkpoint(
+    cls: type[_Module],
+    checkpoint_path: _PATH,
+    map_location: str | torch.device | None = None,
+    strict: bool | None = None,
+    **kwargs: Any,
+) -> _Module:
+    """Build ``cls`` from its saved hyperparameters and load its weights from a safetensors checkpoint.
+
+    The pickle-free counterpart of ``cls.load_from_checkpoint``: ``kwargs`` override saved
+    hyperparameters, ``strict`` and the module's ``on_load_checkpoint`` behave as in Lightning.
+    """
+    checkpoint = load_state(checkpoint_path, map_location=map_location)
+    checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=Path(checkpoint_path))
+    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
+    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
+    model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    if not isinstance(model, cls):
+        raise TypeError(f"{checkpoint_path} built a {type(model).__name__}, expected {cls.__name__}")
+    tensors = (t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor))
+    return model.to(next(tensors, torch.tensor(0)).device)
+
+
+class SafetensorsLoadingMixin:
+    """Makes ``Module.load_from_checkpoint(path)`` read safetensors checkpoints, never a pickle.
+
+    Put it first among the bases: ``class DetectorModule(SafetensorsLoadingMixin, LightningModule)``.
+    ``hparams_file`` and ``weights_only`` are not supported (the file holds the hyperparameters, and
+    nothing is unpickled).
+    """
+
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: _PATH,
+        map_location: str | torch.device | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Load the module from a safetensors checkpoint; see :func:`load_module_from_checkpoint`."""
+        for unsupported in ("hparams_file", "weights_only"):
+            if kwargs.pop(unsupported, None) is not None:
+                raise ValueError(f"{cls.__name__}.load_from_checkpoint does not support {unsupported}")
+        return load_module_from_checkpoint(cls, checkpoint_path, map_location, strict, **kwargs)  # type: ignore[type-var]
+
+
+def _as_device(map_location: Any) -> str | torch.device | None:
+    """Lightning passes ``None`` or a device; torch.load's callables and dicts have no meaning here."""
+    if map_location is None or isinstance(map_location, str | torch.device):
+        return map_location
+    raise ValueError(
+        f"SafetensorsCheckpointIO takes a device as map_location, got {map_location!r}; "
+        "the state is loaded on the CPU by default and Lightning moves it where it belongs"
+    )

@@ -1,0 +1,238 @@
+"""Inspect checkpoints: list a folder, verify files, show what a file holds, convert a Lightning .ckpt.
+
+Wired into ``python -m detector checkpoints ...``; ``main`` also runs on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import pickle
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detector.state_format import CheckpointFormatError, TensorInfo, read_header, save_state, verify_state
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
+    """One row per ``*.safetensors`` file in ``folder``, read from headers only (no data verified).
+
+    Returns:
+        Rows with ``file``, ``bytes``, ``epoch``, ``global_step``, ``metrics`` (name -> value: a
+        ``metrics`` entry's numbers and the callbacks' ``*score*`` entries) and ``error`` (None, or
+        why the header could not be read).
+    """
+    rows = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        row: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "error": None}
+        try:
+            header = read_header(path)
+        except CheckpointFormatError as err:
+            rows.append({**row, "epoch": None, "global_step": None, "metrics": {}, "error": str(err)})
+            continue
+        state = header["state"] if isinstance(header["state"], Mapping) else {}
+        row.update(epoch=state.get("epoch"), global_step=state.get("global_step"))
+        row["metrics"] = _read_scalars(path, header, _metric_entries(state))
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of :func:`list_checkpoints` as an aligned text table."""
+    names = sorted({name for row in rows for name in row["metrics"]})
+    table = [["file", "epoch", "step", "size", *names]]
+    for row in rows:
+        values = [_cell(row["metrics"].get(name)) for name in names]
+        position = [_cell(row["epoch"]), _cell(row["global_step"])]
+        table.append([row["file"], *position, _size(row["bytes"]), *values])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in table)
+    errors = [f"unreadable: {row['error']}" for row in rows if row["error"]]
+    return "\n".join([*(line.rstrip() for line in lines), *errors])
+
+
+def verify_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
+    """Verify each file; return ``(path, None)`` when intact, ``(path, problem)`` otherwise."""
+    results: list[tuple[Path, str | None]] = []
+    for path in map(Path, paths):
+        try:
+            verify_state(path)
+            results.append((path, None))
+        except (CheckpointFormatError, OSError) as err:
+            results.append((path, str(err)))
+    return results
+
+
+def describe_checkpoint(path: str | Path, max_items: int = 50) -> str:
+    """A readable tree of what ``path`` holds: keys, tensor dtypes/shapes/sizes, scalar values."""
+    header = read_header(path)
+    lines = [f"{path}: format v{header['format_version']}, {_size(header['file_bytes'])}"]
+    lines += _describe(header["state"], "", max_items)
+    total = sum(info.nbytes for info in header["tensors"].values())
+    count = len(header["tensors"])
+    lines.append(f"{count} tensors, {_size(total)}; checksum {header['checksum']} (not verified here)")
+    return "\n".join(lines)
+
+
+def convert_checkpoint(source: str | Path, target: str | Path) -> None:
+    """Convert a Lightning/torch ``.ckpt`` into this format: the one place a pickle is read.
+
+    Uses ``torch.load(..., weights_only=True)``, which refuses arbitrary objects; still, convert only
+    files you trust.
+
+    Raises:
+        ValueError: if ``torch.load`` refuses the file (it holds objects beyond tensors and containers).
+    """
+    try:
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{source}: torch.load(weights_only=True) refused it: {err}") from err
+    save_state(checkpoint, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the exit status (1 when a file fails or cannot be read)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CheckpointFormatError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detector checkpoints", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    listing = commands.add_parser("list", help="list a folder's checkpoints with epoch, step and metrics")
+    listing.add_argument("folder", type=Path)
+    listing.set_defaults(run=lambda a: _run_list(a.folder))
+    verify = commands.add_parser("verify", help="check files' integrity (exit status 1 on any failure)")
+    verify.add_argument("paths", type=Path, nargs="+")
+    verify.set_defaults(run=lambda a: _run_verify(a.paths))
+    show = commands.add_parser("show", help="show what a checkpoint holds")
+    show.add_argument("path", type=Path)
+    show.add_argument("--max-items", type=int, default=50, help="entries shown per container")
+    show.set_defaults(run=lambda a: _print(describe_checkpoint(a.path, a.max_items)))
+    convert = commands.add_parser("convert", help="convert a trusted Lightning .ckpt (reads a pickle)")
+    convert.add_argument("source", type=Path)
+    convert.add_argument("target", type=Path)
+    convert.set_defaults(run=lambda a: _run_convert(a.source, a.target))
+    return parser
+
+
+def _print(text: str) -> int:
+    print(text)
+    return 0
+
+
+def _run_convert(source: Path, target: Path) -> int:
+    convert_checkpoint(source, target)
+    verify_state(target)
+    print(f"wrote {target} (verified)")
+    return 0
+
+
+def _run_list(folder: Path) -> int:
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    rows = list_checkpoints(folder)
+    print(format_table(rows) if rows else f"no *.safetensors checkpoints in {folder}")
+    return 0
+
+
+def _run_verify(paths: Sequence[Path]) -> int:
+    failed = 0
+    for path, problem in verify_checkpoints(paths):
+        print(f"FAILED {problem}" if problem else f"OK     {path}")
+        failed += problem is not None
+    return 1 if failed else 0
+
+
+def _metric_entries(state: Mapping[Any, Any]) -> dict[str, Any]:
+    """Named metric values: a top-level ``metrics`` mapping and the callbacks' ``*score*`` entries."""
+    found: dict[str, Any] = {}
+    metrics = state.get("metrics")
+    if isinstance(metrics, Mapping):
+        found.update((str(name), value) for name, value in metrics.items())
+    callbacks = state.get("callbacks")
+    for callback, callback_state in callbacks.items() if isinstance(callbacks, Mapping) else ():
+        if not isinstance(callback_state, Mapping):
+            continue
+        label = callback_state.get("monitor") or str(callback).split("{")[0]
+        for key, value in callback_state.items():
+            is_number = isinstance(value, float | int | TensorInfo) and not isinstance(value, bool)
+            if "score" in str(key) and is_number:
+                found[f"{key}({label})"] = value
+    return found
+
+
+def _read_scalars(path: Path, header: Mapping[str, Any], entries: dict[str, Any]) -> dict[str, float]:
+    """Numbers for the entries; one-element tensors are read from the file directly (unverified)."""
+    values = {}
+    with open(path, "rb") as f:
+        for name, value in entries.items():
+            if isinstance(value, TensorInfo):
+                if value.nbytes > 16 or value.nbytes == 0:
+                    continue
+                f.seek(header["data_offset"] + value.start)
+                value = torch.frombuffer(bytearray(f.read(value.nbytes)), dtype=value.dtype).item()
+            if isinstance(value, float | int) and not isinstance(value, bool):
+                values[name] = float(value)
+    return values
+
+
+def _describe(value: Any, indent: str, max_items: int) -> list[str]:
+    if isinstance(value, Mapping):
+        entries = list(value.items())
+    elif isinstance(value, list | tuple) and not all(isinstance(item, _SCALARS) for item in value):
+        entries = list(enumerate(value))
+    else:
+        return []
+    lines = []
+    for key, item in entries[:max_items]:
+        lines.append(f"{indent}{key!r}: {_summary(item)}")
+        lines += _describe(item, indent + "  ", max_items)
+    if len(entries) > max_items:
+        lines.append(f"{indent}... {len(entries) - max_items} more")
+    return lines
+
+
+def _summary(value: Any) -> str:
+    if isinstance(value, TensorInfo):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{value.kind} {dtype} {list(value.shape)} ({_size(value.nbytes)})"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} ({len(value)} entries)"
+    if isinstance(value, list | tuple):
+        if all(isinstance(item, _SCALARS) for item in value):
+            shown = ", ".join(repr(item) for item in value[:8])
+            return f"{type(value).__name__} [{shown}{', ...' if len(value) > 8 else ''}] ({len(value)} items)"
+        return f"{type(value).__name__} ({len(value)} items)"
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _size(nbytes: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB"]
+    while nbytes >= 1024 and len(units) > 1:
+        nbytes /= 1024
+        units.pop(0)
+    return f"{nbytes:.0f} B" if units[0] == "B" else f"{nbytes:.1f} {units[0]}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
