@@ -33,11 +33,14 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     file is committed before any old one is deleted. Each checkpoint also holds every rank's RNG
     states (``rng_states``, indexed by global rank), restored on resume.
 
-    Saves happen at validation end (top-K, best, latest; plus the epoch file when the validation
-    closes the epoch), after an optimizer step (step files), at train epoch end (epoch files when no
-    validation closed the epoch), at train end, and on SIGTERM or a first Ctrl-C (latest, after the
-    current batch; a second Ctrl-C stops at once without saving). Every rank takes the same decisions:
-    the monitored metrics are broadcast from rank zero. Files are written by global rank zero.
+    When: after a mid-epoch validation (top-K, best, latest); after an optimizer step (step files);
+    at train epoch end (epoch files, and whatever the epoch's last batch or closing validation made
+    due, so a resume starts from a completed epoch); at train end (latest, if that step is unsaved);
+    on SIGTERM or a first Ctrl-C (latest, after the current batch; a second Ctrl-C stops at once,
+    unsaved). Everything due at one global step goes into one file. Every rank takes the same
+    decisions (the logged metrics are broadcast from rank zero); global rank zero does the file I/O.
+    ``async_save`` writes in a background thread after a CPU snapshot, one write in flight; links
+    and deletions follow the commit; a failed write raises at the next save or at the end of fit.
 
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
 

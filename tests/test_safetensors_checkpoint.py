@@ -335,3 +335,54 @@ def test_two_rank_ddp_async_resume_matches_the_straight_run(tmp_path: Path) -> N
     assert resumed["weights"] == straight["weights"]
     state = load_state(tmp_path / "resumed" / LATEST)
     assert len(state["rng_states"]) == 2
+
+
+def test_each_save_writes_once_then_links_then_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_save, real_link, real_unlink = (
+        SafetensorsCheckpointIO.save_checkpoint,
+        checkpoint_module.atomic_link,
+        Path.unlink,
+    )
+
+    def save(self: Any, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        real_save(self, checkpoint, path)
+        events.append(("write", Path(path).name))
+
+    def link(src: Path, final: Path) -> None:
+        real_link(src, final)
+        events.append(("link", final.name))
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        real_unlink(self, missing_ok=missing_ok)
+        events.append(("delete", self.name))
+
+    monkeypatch.setattr(SafetensorsCheckpointIO, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint_module, "atomic_link", link)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    fit(tmp_path, [0.5, 0.7, 0.6], max_epochs=3, save_top_k=1, every_n_epochs=0)
+    top_0, top_1 = "checkpoint_top_epoch_0_step_4_val_f1_0.5000.safetensors", TOP_1_8
+    assert events == [
+        ("write", top_0), ("link", BEST), ("link", LATEST),
+        ("write", top_1), ("link", BEST), ("link", LATEST), ("delete", top_0),
+        ("write", LATEST),
+    ]  # fmt: skip
+
+
+def test_deletions_a_crashed_run_did_not_finish_are_done_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evicted = tmp_path / "checkpoint_top_epoch_0_step_4_val_f1_0.5000.safetensors"
+
+    def link_only(self: SafetensorsTopKCheckpoint, target: Path, links: list[str], deletions: list) -> None:
+        for name in links:  # the run dies after committing epoch 1's file, before deleting epoch 0's
+            checkpoint_module.atomic_link(target, self.dirpath / name)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SafetensorsTopKCheckpoint, "_link_and_rotate", link_only)
+        fit(tmp_path, [0.5, 0.7, 0.6], max_epochs=2, save_top_k=1, every_n_epochs=0)
+    assert evicted.exists()
+    fit(tmp_path, [0.5, 0.7, 0.6], ckpt_path=tmp_path / LATEST, max_epochs=3, save_top_k=1, every_n_epochs=0)
+    assert set(inodes(tmp_path)) == {LATEST, BEST, TOP_1_8}
