@@ -3,15 +3,17 @@
 Saving streams the state tensor by tensor into a temp file beside the target (no second copy of the
 state in memory; the checksum field is reserved at a fixed width in the header and patched once the
 data is written), then commits it atomically (:mod:`detector.atomic`). Loading reads each tensor once
-into its own memory while hashing it and compares the checksum before anything is returned. The file
-layout and the checksum are described in :mod:`detector.state_layout`.
+into its own memory while digesting it and compares the checksum before anything is returned. The file
+layout is described in :mod:`detector.state_layout`, the checksum in :mod:`detector.piece_io`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import os
 from collections import OrderedDict
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,23 @@ import numpy as np
 import torch
 
 from detector.atomic import commit_file, temp_path_for
-from detector.state_layout import (
-    CHECKSUM_FIELD,
-    FORMAT_VERSION,
-    PIECE_BYTES,
-    Layout,
-    PieceHasher,
-    TensorInfo,
+from detector.piece_io import (
+    DEFAULT_CHECKSUM,
+    PIECE_DIGESTS,
+    PiecePipeline,
     byte_view,
+    pieces,
+    read_at,
+    scratch_pieces,
+    write_at,
+)
+from detector.state_layout import (
+    FORMAT_VERSION,
+    Layout,
+    TensorInfo,
     encode_header,
     fail,
     plan_tensors,
-    read_into,
     read_layout,
 )
 from detector.state_tree import CheckpointFormatError, flatten_state, unflatten_state
@@ -48,31 +55,39 @@ __all__ = [
 ]
 
 
-def save_state(state: Any, path: str | Path) -> None:
+def save_state(state: Any, path: str | Path, checksum: str = DEFAULT_CHECKSUM) -> None:
     """Write ``state`` to ``path`` atomically: the previous file stays intact until the new one is durable.
+
+    Args:
+        state: a nested tree of tensors, NumPy arrays and JSON-like values (see :mod:`detector.state_tree`).
+        path: the final file; a temp file beside it is written, fsynced and renamed onto it.
+        checksum: ``"crc32-tree"`` (fast) or ``"sha256-tree"``; see :mod:`detector.piece_io`.
 
     Raises:
         CheckpointFormatError: for a value that cannot be stored (the message names its key path).
+        ValueError: for an unknown ``checksum`` kind.
     """
+    if checksum not in PIECE_DIGESTS:
+        raise ValueError(f"checksum must be one of {sorted(PIECE_DIGESTS)}, got {checksum!r}")
     path = Path(path)
     tensors, skeleton = flatten_state(state)
     infos = plan_tensors(tensors)
-    header = encode_header(infos, skeleton)
-    checksum_at = header.index(CHECKSUM_FIELD) + len(CHECKSUM_FIELD)
+    header, digits_at = encode_header(infos, skeleton, checksum)
     tmp = temp_path_for(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            with PieceHasher() as hasher:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.ftruncate(fd, len(header) + (infos[-1].end if infos else 0))
+            write_at(fd, memoryview(header), 0)
+            with PiecePipeline(checksum) as pipeline:
                 for info in infos:
-                    data = byte_view(tensors[info.name])
-                    for start in range(0, len(data), PIECE_BYTES):
-                        piece = data[start : start + PIECE_BYTES]
-                        hasher.feed(piece)
-                        f.write(piece)
-                digest = hasher.hexdigest(header)
-            f.seek(checksum_at)
-            f.write(digest.encode("ascii"))
+                    for start, piece in pieces(byte_view(tensors[info.name])):
+                        offset = len(header) + info.start + start
+                        pipeline.submit(partial(write_at, fd, piece, offset), piece)
+                digest = pipeline.hexdigest(header)
+            write_at(fd, memoryview(digest.encode("ascii")), digits_at)
+        finally:
+            os.close(fd)
         commit_file(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -83,6 +98,8 @@ def save_state(state: Any, path: str | Path) -> None:
 def load_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> Any:
     """Read a state written by :func:`save_state`, after verifying its checksum. Runs no pickle.
 
+    Every tensor gets its own memory (nothing stays mapped to the file, which may then be deleted).
+
     Raises:
         CheckpointFormatError: naming the file and what is wrong, for a truncated, corrupt, foreign or
             non-safetensors file (a pickled ``.ckpt`` included: it is refused, never unpickled).
@@ -90,9 +107,9 @@ def load_state(path: str | Path, map_location: str | torch.device | None = "cpu"
     """
     device = _device(map_location)
     path = Path(path)
-    with open(path, "rb", buffering=0) as f:
-        layout = read_layout(f, path)
-        tensors = _read_data(f, layout, path, keep=True)
+    with _open(path) as fd:
+        layout = read_layout(fd, path)
+        tensors = _read_data(fd, layout, path)
     if device.type != "cpu":
         tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
     return _unflatten(path, tensors, layout.skeleton)
@@ -105,9 +122,9 @@ def verify_state(path: str | Path) -> None:
         CheckpointFormatError: naming the file and what is wrong.
     """
     path = Path(path)
-    with open(path, "rb", buffering=0) as f:
-        layout = read_layout(f, path)
-        _read_data(f, layout, path, keep=False)
+    with _open(path) as fd:
+        layout = read_layout(fd, path)
+        _read_data(fd, layout, path, keep=False)
     _unflatten(path, {info.name: info for info in layout.tensors}, layout.skeleton)
 
 
@@ -115,17 +132,17 @@ def read_header(path: str | Path) -> dict[str, Any]:
     """The header of a checkpoint, without reading (or verifying) its tensor data.
 
     Returns:
-        ``format_version``, ``checksum``, ``file_bytes``, ``data_offset`` (where the tensor data
-        starts), ``tensors`` (name -> :class:`TensorInfo`) and ``state``: the state tree with a
-        :class:`TensorInfo` in place of each tensor or array.
+        ``format_version``, ``checksum`` (``kind:hex``), ``file_bytes``, ``data_offset`` (where the
+        tensor data starts), ``tensors`` (name -> :class:`TensorInfo`) and ``state``: the state tree
+        with a :class:`TensorInfo` in place of each tensor or array.
     """
     path = Path(path)
-    with open(path, "rb", buffering=0) as f:
-        layout = read_layout(f, path)
+    with _open(path) as fd:
+        layout = read_layout(fd, path)
     infos = {info.name: info for info in layout.tensors}
     return {
         "format_version": FORMAT_VERSION,
-        "checksum": layout.checksum,
+        "checksum": f"{layout.checksum_kind}:{layout.checksum}",
         "file_bytes": layout.file_bytes,
         "data_offset": len(layout.header),
         "tensors": infos,
@@ -158,27 +175,36 @@ def _snapshot(value: Any, memo: dict[int, Any]) -> Any:
     return value
 
 
-def _read_data(f: io.FileIO, layout: Layout, path: Path, keep: bool) -> dict[str, torch.Tensor]:
-    """Read every tensor (into its own memory if ``keep``), hashing as it goes; then check the checksum."""
+def _read_data(fd: int, layout: Layout, path: Path, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Read each tensor into its own memory (or, unless ``keep``, into passing scratch pieces) while
+    digesting it, then check the checksum."""
     tensors = {}
-    with PieceHasher() as hasher:
+    with PiecePipeline(layout.checksum_kind) as pipeline:
         for info in layout.tensors:
-            tensor = torch.empty(info.shape, dtype=info.dtype) if keep else None
-            buffer = byte_view(tensor) if tensor is not None else None
-            for start in range(0, info.nbytes, PIECE_BYTES):
-                size = min(PIECE_BYTES, info.nbytes - start)
-                piece = buffer[start : start + size] if buffer is not None else memoryview(bytearray(size))
-                if not read_into(f, piece):
-                    raise fail(path, f"truncated while reading tensor {info.name!r}")
-                hasher.feed(piece)
-            if tensor is not None:
-                tensors[info.name] = tensor
-        digest = hasher.hexdigest(layout.header)
-    if digest != layout.checksum:
-        raise fail(
-            path, f"checksum mismatch, the file is corrupt (stored {layout.checksum}, computed {digest})"
-        )
+            if keep:
+                tensors[info.name] = tensor = torch.empty(info.shape, dtype=info.dtype)
+            targets = pieces(byte_view(tensor)) if keep else scratch_pieces(info.nbytes)
+            for start, piece in targets:
+                offset = len(layout.header) + info.start + start
+                pipeline.submit(partial(read_at, fd, piece, offset, path, f"tensor {info.name!r}"), piece)
+        digest = pipeline.hexdigest(layout.header)
+    _check(path, layout, digest)
     return tensors
+
+
+def _check(path: Path, layout: Layout, digest: str) -> None:
+    if digest != layout.checksum:
+        stored = f"{layout.checksum_kind}:{layout.checksum}"
+        raise fail(path, f"checksum mismatch, the file is corrupt (stored {stored}, computed {digest})")
+
+
+@contextlib.contextmanager
+def _open(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _unflatten(path: Path, tensors: dict[str, Any], skeleton: Any) -> Any:

@@ -16,31 +16,24 @@ corruption, not forgery: anyone who can write the file can recompute it.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import math
 import os
 import struct
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from detector.piece_io import PIECE_DIGESTS
 from detector.state_tree import DTYPE_CODES, CheckpointFormatError
 
 FORMAT_NAME = "detector.state"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # the same bound safetensors itself enforces
-PIECE_BYTES = 16 << 20
-CHECKSUM_KIND = "sha256-tree"
-CHECKSUM_FIELD = f'"checksum":"{CHECKSUM_KIND}:'.encode()
-_PLACEHOLDER = "0" * 64
-_WORKERS = max(1, min(8, os.cpu_count() or 1))
-_THREADED_PIECE_BYTES = 1 << 20
+CHECKSUM_FIELD = b'"checksum":"'
+_PLACEHOLDER = b"0" * 64
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _PICKLE_REFUSED = (
     "a pickle file (torch.save / Lightning .ckpt), not a safetensors checkpoint; it was not loaded."
@@ -66,59 +59,14 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class Layout:
+    """What the header of a checkpoint says, with the bytes its checksum covers."""
+
     header: bytes  # length prefix + header JSON, checksum digits zeroed
+    checksum_kind: str
     checksum: str
     skeleton: Any
     tensors: list[TensorInfo]
     file_bytes: int
-
-
-class PieceHasher:
-    """SHA-256 of each piece, big ones in worker threads with a few in flight; see the module docstring."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None  # started at the first big piece
-        self._pending: deque[Future[bytes] | bytes] = deque()
-        self._digests: list[bytes] = []
-
-    def feed(self, piece: memoryview) -> None:
-        if len(self._pending) >= 2 * _WORKERS:
-            self._digests.append(_result(self._pending.popleft()))
-        if len(piece) < _THREADED_PIECE_BYTES:  # a thread hand-off costs more than hashing it here
-            self._pending.append(_sha256(piece))
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(_WORKERS, thread_name_prefix="checkpoint-hash")
-        self._pending.append(self._pool.submit(_sha256, piece))
-
-    def hexdigest(self, header: bytes) -> str:
-        while self._pending:
-            self._digests.append(_result(self._pending.popleft()))
-        total = hashlib.sha256(header)
-        for digest in self._digests:
-            total.update(digest)
-        return total.hexdigest()
-
-    def __enter__(self) -> PieceHasher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _result(pending: Future[bytes] | bytes) -> bytes:
-    return pending if isinstance(pending, bytes) else pending.result()
-
-
-def _sha256(piece: memoryview) -> bytes:
-    return hashlib.sha256(piece).digest()
-
-
-def byte_view(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes, in C order; copies only a tensor that is not already a contiguous CPU one."""
-    tensor = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
-    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
@@ -131,38 +79,42 @@ def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
     return infos
 
 
-def encode_header(infos: list[TensorInfo], skeleton: Any) -> bytes:
+def encode_header(infos: list[TensorInfo], skeleton: Any, checksum_kind: str) -> tuple[bytes, int]:
+    """The length prefix + header JSON with zeroed checksum digits, and where those digits start."""
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "checksum": f"{CHECKSUM_KIND}:{_PLACEHOLDER}",
+        "checksum": f"{checksum_kind}:{_PLACEHOLDER.decode()}",
         "skeleton": json.dumps(skeleton, allow_nan=False, separators=(",", ":")),
     }
     header: dict[str, Any] = {"__metadata__": metadata}
     for info in infos:
-        header[info.name] = {
-            "dtype": DTYPE_CODES[info.dtype],
-            "shape": info.shape,
-            "data_offsets": [info.start, info.end],
-        }
+        offsets = [info.start, info.end]
+        header[info.name] = {"dtype": DTYPE_CODES[info.dtype], "shape": info.shape, "data_offsets": offsets}
     raw = json.dumps(header, separators=(",", ":")).encode("ascii")
     raw += b" " * (-len(raw) % 8)  # safetensors allows trailing spaces; keeps the data 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
+    encoded = struct.pack("<Q", len(raw)) + raw
+    return encoded, encoded.index(CHECKSUM_FIELD) + len(CHECKSUM_FIELD) + len(checksum_kind) + 1
 
 
 def fail(path: Path, problem: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: {problem}")
 
 
-def read_layout(f: io.FileIO, path: Path) -> Layout:
-    file_bytes = os.fstat(f.fileno()).st_size
-    prefix = f.read(8)
+def read_layout(fd: int, path: Path) -> Layout:
+    """Read and check the header of the open file ``fd``; reads no tensor data.
+
+    Raises:
+        CheckpointFormatError: for anything but an intact-looking checkpoint header of this format.
+    """
+    file_bytes = os.fstat(fd).st_size
+    prefix = os.pread(fd, 8, 0)
     size = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
     if size is None or size > MAX_HEADER_BYTES or size > file_bytes - 8:
         if prefix[:4] == b"PK\x03\x04" or prefix[:1] == b"\x80":  # zip (torch.save) or raw pickle
             raise fail(path, _PICKLE_REFUSED)
         raise fail(path, _bad_length(size, file_bytes))
-    raw = f.read(size)
+    raw = os.pread(fd, size, 8)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
@@ -177,13 +129,13 @@ def read_layout(f: io.FileIO, path: Path) -> Layout:
         skeleton = json.loads(metadata["skeleton"])
     except (KeyError, TypeError, ValueError) as err:
         raise fail(path, f"header holds no valid state skeleton ({err!r})") from err
-    header_bytes, checksum = _split_checksum(prefix + raw, path)
+    header_bytes, kind, checksum = _split_checksum(prefix + raw, path)
     tensors = _parse_tensors(header, path)
     expected = 8 + size + (tensors[-1].end if tensors else 0)
     if file_bytes != expected:
         what = "truncated" if file_bytes < expected else "has trailing bytes"
         raise fail(path, f"{what}: the file has {file_bytes} bytes, its header describes {expected}")
-    return Layout(header_bytes, checksum, skeleton, tensors, file_bytes)
+    return Layout(header_bytes, kind, checksum, skeleton, tensors, file_bytes)
 
 
 def _bad_length(size: int | None, file_bytes: int) -> str:
@@ -194,14 +146,19 @@ def _bad_length(size: int | None, file_bytes: int) -> str:
     return f"not a safetensors file, or truncated: header length {size} does not fit in {file_bytes} bytes"
 
 
-def _split_checksum(header: bytes, path: Path) -> tuple[bytes, str]:
+def _split_checksum(header: bytes, path: Path) -> tuple[bytes, str, str]:
+    """The header with the checksum digits zeroed, the checksum kind and its digits."""
     if header.count(CHECKSUM_FIELD) != 1:
-        raise fail(path, f"header has no single {CHECKSUM_KIND} checksum field")
-    at = header.index(CHECKSUM_FIELD) + len(CHECKSUM_FIELD)
-    checksum = header[at : at + 64].decode("ascii", errors="replace")
-    if len(checksum) != 64 or any(c not in "0123456789abcdef" for c in checksum):
-        raise fail(path, f"malformed checksum {checksum!r}")
-    return header[:at] + _PLACEHOLDER.encode() + header[at + 64 :], checksum
+        raise fail(path, "header has no single checksum field")
+    start = header.index(CHECKSUM_FIELD) + len(CHECKSUM_FIELD)
+    kind, _, digits = header[start : start + 100].partition(b":")
+    if kind.decode("ascii", errors="replace") not in PIECE_DIGESTS:
+        raise fail(path, f"unknown checksum kind {kind[:20]!r}; this build knows {sorted(PIECE_DIGESTS)}")
+    digits = digits[:64]
+    if len(digits) != 64 or digits.strip(b"0123456789abcdef"):
+        raise fail(path, f"malformed checksum {digits!r}")
+    at = start + len(kind) + 1
+    return header[:at] + _PLACEHOLDER + header[at + 64 :], kind.decode(), digits.decode()
 
 
 def _parse_tensors(header: dict[str, Any], path: Path) -> list[TensorInfo]:
@@ -222,13 +179,3 @@ def _parse_tensors(header: dict[str, Any], path: Path) -> list[TensorInfo]:
             raise fail(path, f"tensor {info.name!r} starts at byte {info.start}, expected {offset}")
         offset = info.end
     return infos
-
-
-def read_into(f: io.FileIO, piece: memoryview) -> bool:
-    done = 0
-    while done < len(piece):
-        n = f.readinto(piece[done:])
-        if not n:
-            return False
-        done += n
-    return True

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from detector import state_format, state_layout
+from detector import piece_io, state_format, state_layout
 from detector.atomic import clean_stale_temps
 from detector.state_format import (
     CheckpointFormatError,
@@ -69,10 +69,8 @@ def test_saved_file_is_plain_safetensors_with_detector_metadata(tmp_path: Path) 
         assert torch.equal(f.get_tensor("a"), torch.ones(2, 3))
         metadata = f.metadata()
     assert metadata["format"] == "detector.state" and metadata["format_version"] == "1"
-    assert (
-        metadata["checksum"].startswith("sha256-tree:")
-        and len(metadata["checksum"]) == len("sha256-tree:") + 64
-    )
+    kind, digest = metadata["checksum"].split(":")
+    assert kind == "crc32-tree" and len(digest) == 64
     assert json.loads(metadata["skeleton"])["epoch"] == 1
 
 
@@ -89,13 +87,33 @@ def test_tensor_data_is_aligned_to_its_element_size(tmp_path: Path) -> None:
         assert (header["data_offset"] + info.start) % info.dtype.itemsize == 0, info
 
 
-def test_tensors_spanning_several_hash_pieces_round_trip(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("threaded_from", [0, 1 << 20])
+def test_tensors_spanning_several_pieces_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded_from: int
 ) -> None:
-    monkeypatch.setattr(state_format, "PIECE_BYTES", 24)
+    monkeypatch.setattr(piece_io, "PIECE_BYTES", 24)
+    monkeypatch.setattr(piece_io, "_THREADED_PIECE_BYTES", threaded_from)
     state = {"big": torch.randn(101), "small": torch.arange(3), "odd": torch.ones(7, dtype=torch.int8)}
     save_state(state, tmp_path / "s.safetensors")
     assert_identical(load_state(tmp_path / "s.safetensors"), state)
+    verify_state(tmp_path / "s.safetensors")
+
+
+def test_sha256_checksum_kind_round_trips_and_is_named_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    save_state(_small_state(), path, checksum="sha256-tree")
+    assert read_header(path)["checksum"].startswith("sha256-tree:")
+    assert_identical(load_state(path), _small_state())
+    with pytest.raises(ValueError, match="checksum must be one of"):
+        save_state(_small_state(), path, checksum="md5")
+
+
+def test_a_short_read_in_a_worker_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _saved(tmp_path)
+    monkeypatch.setattr(piece_io, "_THREADED_PIECE_BYTES", 0)
+    monkeypatch.setattr(piece_io.os, "preadv", lambda fd, buffers, offset: 0)
+    with pytest.raises(CheckpointFormatError, match=f"{path}: truncated while reading tensor 'w'"):
+        load_state(path)
 
 
 def test_load_moves_tensors_to_map_location(tmp_path: Path) -> None:
@@ -244,8 +262,10 @@ def test_truncated_file_fails_with_a_clear_error(tmp_path: Path, keep: int) -> N
         verify_state(path)
 
 
-def test_every_single_byte_flip_is_detected(tmp_path: Path) -> None:
-    path = _saved(tmp_path)
+@pytest.mark.parametrize("kind", ["crc32-tree", "sha256-tree"])
+def test_every_single_byte_flip_is_detected(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "s.safetensors"
+    save_state(_small_state(), path, checksum=kind)
     original = path.read_bytes()
     for position in range(len(original)):
         corrupt = bytearray(original)

@@ -1,0 +1,133 @@
+"""How long a checkpoint save blocks the training loop, sync vs async, on the DeBERTa classifier + AdamW.
+
+Trains the classifier on random tokens with ``SafetensorsTopKCheckpoint(every_n_train_steps=k)``, once
+with ``async_save=False`` and once with ``True``, timing every save call the training loop makes (for
+async: waiting for the previous write, the state dump and the CPU snapshot). Also times, on the final
+state, one ``save_state`` (the sync write) and one ``snapshot_state`` (what async blocks on).
+
+    PYTHONPATH=. python benchmarks/bench_async_save.py                  # small: build_classifier(None, 8000)
+    PYTHONPATH=. python benchmarks/bench_async_save.py --size base --steps 6 --save-every 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+from detector.backbone import build_classifier
+from detector.checkpoint_io import SafetensorsCheckpointIO
+from detector.state_format import save_state, snapshot_state
+
+# DeBERTa-v3-base: 184M parameters; with AdamW's two moments the state is about 2.2 GB.
+BASE_ARCH = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+}
+SIZES: dict[str, tuple[int, dict[str, Any]]] = {"small": (8000, {}), "base": (128100, BASE_ARCH)}
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, size: str) -> None:
+        super().__init__()
+        vocab, arch = SIZES[size]
+        self.model = build_classifier(None, vocab, arch=arch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        ids, labels = batch
+        return self.model(input_ids=ids, labels=labels).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
+class TimedCheckpoint(SafetensorsTopKCheckpoint):
+    """Records how long each save call holds the training loop."""
+
+    blocked: list[float]
+
+    def _write(self, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        super()._write(*args, **kwargs)
+        self.blocked.append(time.perf_counter() - start)
+
+
+def run(size: str, async_save: bool, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    vocab = SIZES[size][0]
+    ids = torch.randint(5, vocab, (args.steps * args.batch_size, args.seq_len))
+    labels = torch.randint(0, 2, (args.steps * args.batch_size,))
+    loader = DataLoader(TensorDataset(ids, labels), batch_size=args.batch_size)
+    callback = TimedCheckpoint(
+        str(folder), every_n_epochs=0, every_n_train_steps=args.save_every, async_save=async_save
+    )
+    callback.blocked = []
+    module = Classifier(size)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        plugins=[SafetensorsCheckpointIO()],
+        callbacks=[callback],
+    )
+    start = time.perf_counter()
+    trainer.fit(module, loader)
+    fit_s = time.perf_counter() - start
+    return {"blocked": callback.blocked, "fit_s": fit_s, "trainer": trainer}
+
+
+def standalone(trainer: pl.Trainer, folder: Path) -> tuple[float, float, int]:
+    """Seconds for one ``save_state`` and one ``snapshot_state`` of the final full state, and its bytes."""
+    checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    start = time.perf_counter()
+    snapshot = snapshot_state(checkpoint)
+    snapshot_s = time.perf_counter() - start
+    del snapshot
+    path = folder / "standalone.safetensors"
+    start = time.perf_counter()
+    save_state(checkpoint, path)
+    save_s = time.perf_counter() - start
+    return save_s, snapshot_s, path.stat().st_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--save-every", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--dir", type=Path, default=None, help="parent of the temp checkpoint folder")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        modes = ("sync", "async")
+        results = {mode: run(args.size, mode == "async", args, Path(tmp) / mode) for mode in modes}
+        save_s, snapshot_s, size = standalone(results["async"]["trainer"], Path(tmp))
+    print(f"size={args.size} state={size / 2**20:.1f} MiB steps={args.steps} save_every={args.save_every}")
+    print(f"standalone: save_state {save_s:.3f} s, snapshot_state {snapshot_s:.3f} s")
+    for mode, result in results.items():
+        blocked = result["blocked"]
+        print(
+            f"{mode:5s}: saves={len(blocked)} blocked median={statistics.median(blocked):.3f} s"
+            f" max={max(blocked):.3f} s total={sum(blocked):.2f} s; fit wall {result['fit_s']:.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

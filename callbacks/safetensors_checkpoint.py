@@ -1,0 +1,299 @@
+"""SafetensorsTopKCheckpoint: latest, best, top-K and periodic checkpoints of the full training state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from detector.atomic import atomic_link, clean_stale_temps, fsync_dir
+from detector.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint_io import SafetensorsCheckpointIO
+from detector.interrupt import GracefulSigint
+from detector.rng import capture_rng_state, restore_rng_state
+from detector.state_format import save_state, snapshot_state
+from detector.topk import LATEST_NAME, CheckpointTracker, Mode, best_name, epoch_name, step_name, top_k_name
+
+
+class SafetensorsTopKCheckpoint(Checkpoint):
+    """Keeps the latest, the best, the top K and periodic checkpoints of a run, in the safetensors format.
+
+    Files in ``dirpath`` (names from :mod:`detector.topk`): ``checkpoint_latest.safetensors`` (every
+    save), ``checkpoint_best_{monitor}.safetensors``, ``checkpoint_top_epoch_E_step_S_{monitor}_X.XXXX``
+    (the ``save_top_k`` best), ``checkpoint_epoch_N`` (every ``every_n_epochs``, last
+    ``keep_last_epochs`` kept) and ``checkpoint_step_N`` (every ``every_n_train_steps`` optimizer steps,
+    last ``keep_last_steps`` kept). A state is written once; its other names are hard links. A new
+    file is committed before any old one is deleted. Each checkpoint also holds every rank's RNG
+    states (``rng_states``, indexed by global rank), restored on resume.
+
+    When: after a mid-epoch validation (top-K, best, latest); after an optimizer step (step files);
+    at train epoch end (epoch files, and whatever the epoch's last batch or closing validation made
+    due, so a resume starts from a completed epoch); at train end (latest, if that step is unsaved);
+    on SIGTERM or a first Ctrl-C (latest, after the current batch; a second Ctrl-C stops at once,
+    unsaved). Everything due at one global step goes into one file. Every rank takes the same
+    decisions (the logged metrics are broadcast from rank zero); global rank zero does the file I/O.
+    ``async_save`` writes in a background thread after a CPU snapshot, one write in flight; links
+    and deletions follow the commit; a failed write raises at the next save or at the end of fit.
+
+    Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
+
+    Example:
+        .. code-block:: yaml
+
+            trainer:
+              plugins: [detector.checkpoint_io.SafetensorsCheckpointIO]
+              callbacks:
+                - class_path: callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint
+                  init_args: {monitor: val_f1, mode: max, save_top_k: 3, every_n_train_steps: 500}
+    """
+
+    def __init__(
+        self,
+        dirpath: str = "outputs/checkpoints",
+        monitor: str = "val_f1",
+        mode: Mode = "max",
+        save_top_k: int = 3,
+        every_n_epochs: int = 1,
+        keep_last_epochs: int = 1,
+        every_n_train_steps: int = 0,
+        keep_last_steps: int = 1,
+        async_save: bool = False,
+        save_on_interrupt: bool = True,
+    ) -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"monitor must name a logged metric, got {monitor!r}")
+        for name, every in (("every_n_epochs", every_n_epochs), ("every_n_train_steps", every_n_train_steps)):
+            if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {every!r}")
+        self._tracker = CheckpointTracker(mode, save_top_k, keep_last_epochs, keep_last_steps)
+        self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
+        self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
+        self.async_save, self.save_on_interrupt = async_save, save_on_interrupt
+        self._jobs = SerialJobs(background=async_save)
+        self._saved_step: int | None = None  # global step of the newest written file
+        self._names_at_step: list[str] = []  # the names that file has
+        self._due: list[str] = []  # names registered at this step, not written yet
+        self._changed = False  # the tracker changed since the last write
+        self._resume_deletions: list[str] = []
+        self._sigint = GracefulSigint()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @property
+    def best_model_path(self) -> str:
+        """The best checkpoint's path (what ``trainer.test(ckpt_path="best")`` loads), or ``""``."""
+        return "" if self._tracker.best is None else str(self.dirpath / best_name(self.monitor))
+
+    @property
+    def tracker(self) -> CheckpointTracker:
+        """The retention state: kept files with scores, best, history."""
+        return self._tracker
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if not isinstance(checkpoint_io, SafetensorsCheckpointIO):
+            raise ValueError(
+                f"{type(self).__name__} writes safetensors checkpoints; give the Trainer "
+                f"plugins=[SafetensorsCheckpointIO()] (it has {type(checkpoint_io).__name__})"
+            )
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+            for path in clean_stale_temps(self.dirpath):
+                rank_zero_info(f"Removed a temporary file left by a crashed run: {path}")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self._resume_deletions:
+            for name in self._resume_deletions:
+                (self.dirpath / name).unlink(missing_ok=True)
+            fsync_dir(self.dirpath)
+        self._resume_deletions = []
+        if self.save_on_interrupt:
+            self._sigint.install()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step, every = trainer.global_step, self.every_n_train_steps
+        if self._skip(trainer) or every == 0 or step == 0 or step % every:
+            return
+        name = step_name(step)
+        if name in self._tracker.steps.kept:  # gradient accumulation: several batches per step
+            return
+        self._tracker.add_step(name)
+        self._due.append(name)
+        if not trainer.is_last_batch:  # else saved once at train epoch end, at this same step
+            self._save(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        metrics = self._monitored_metrics(trainer)
+        epoch, step, score = trainer.current_epoch, trainer.global_step, metrics[self.monitor]
+        self._tracker.record(epoch, step, metrics)
+        name = top_k_name(self.monitor, epoch, step, score)
+        if self._tracker.offer_top_k(score, name):
+            self._due.append(name)
+        if self._tracker.offer_best(score, epoch, step):
+            self._due.append(best_name(self.monitor))
+        self._changed = True
+        # A validation that closes the epoch is saved at train epoch end (same step): a run resumed from
+        # a completed epoch replays the uninterrupted run's RNG draws; one resumed mid-epoch-end does not.
+        if not trainer.is_last_batch:
+            self._save(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip(trainer):
+            return
+        self._register_epoch(trainer)
+        if self._due or self._changed:
+            self._save(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sigint.uninstall()
+        if not self._skip(trainer):
+            self._save(trainer, refresh=False)
+        self._jobs.wait()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._sigint.uninstall()
+        try:
+            self._jobs.wait()
+        except BackgroundWriteError as error:
+            rank_zero_warn(f"{error}: {error.__cause__!r}")
+        if isinstance(exception, SIGTERMException) and self.save_on_interrupt and not self._skip(trainer):
+            self._save(trainer, refresh=False, sync=True)
+            rank_zero_info(f"Saved {self.dirpath / LATEST_NAME} at step {trainer.global_step} before exiting")
+        elif isinstance(exception, KeyboardInterrupt) and self._saved_step is not None:
+            rank_zero_warn(f"Interrupted mid-step: not saved; {LATEST_NAME} holds step {self._saved_step}")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._sigint.uninstall()
+        self._jobs.wait()
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["rng_states"] = _gather_rng_states(trainer)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Runs in Trainer._run before the strategy setup and before the fit loop builds its first
+        # dataloader iterator, and nothing re-seeds afterwards: the resumed run draws what the
+        # uninterrupted one drew from this point on.
+        states = checkpoint.get("rng_states")
+        if not states or trainer.global_rank >= len(states):
+            saved = len(states) if states else 0
+            rank_zero_warn(f"Checkpoint holds RNG states for {saved} ranks; RNG not restored on this rank")
+            return
+        restore_rng_state(states[trainer.global_rank])
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": self._tracker.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tracker.load_state_dict(state_dict["tracker"])
+        # Deletions a crashed run committed to but may not have done; done on rank zero at train start.
+        self._resume_deletions = list(self._tracker.deletions)
+        self._tracker.clear_deletions()
+
+    def _skip(self, trainer: pl.Trainer) -> bool:
+        fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or fast_dev_run
+
+    def _monitored_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        logged = trainer.callback_metrics
+        if self.monitor not in logged:
+            raise ValueError(
+                f"`{self.monitor}` was not logged; logged: {sorted(logged)}."
+                f" Did you call self.log('{self.monitor}', ...)?"
+            )
+        metrics = {k: float(v) for k, v in logged.items() if torch.as_tensor(v).numel() == 1}
+        # Rank zero's values decide for every rank, so all ranks call the same saves (collectives).
+        return trainer.strategy.broadcast(metrics, src=0)
+
+    def _register_epoch(self, trainer: pl.Trainer) -> None:
+        epoch, every = trainer.current_epoch, self.every_n_epochs
+        name = epoch_name(epoch)
+        if every == 0 or (epoch + 1) % every or name in self._tracker.epochs.kept:
+            return
+        self._tracker.add_epoch(name)
+        self._due.append(name)
+
+    def _save(self, trainer: pl.Trainer, refresh: bool = True, sync: bool = False) -> None:
+        """Write the state once under every name due at this step; ``refresh=False`` skips a saved step."""
+        step = trainer.global_step
+        if not refresh and not (self._due or self._changed) and step == self._saved_step:
+            return
+        names = [*self._due, LATEST_NAME]
+        if step == self._saved_step:  # a newer state of the same step: move its older names onto it
+            names += [n for n in self._names_at_step if n not in names]
+        names = [n for n in names if n not in self._tracker.deletions]
+        self._write(trainer, names, list(self._tracker.deletions), sync)
+        self._tracker.clear_deletions()
+        self._saved_step, self._names_at_step, self._due, self._changed = step, names, [], False
+
+    def _write(self, trainer: pl.Trainer, names: list[str], deletions: list[str], sync: bool) -> None:
+        target = self.dirpath / names[0]
+        self._jobs.wait()  # at most one write in flight, and ours goes after it
+        if sync or not self.async_save:
+            trainer.save_checkpoint(target)
+            if trainer.is_global_zero:
+                self._link_and_rotate(target, names[1:], deletions)
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        if not trainer.is_global_zero:
+            return
+        snapshot = snapshot_state(checkpoint)
+        del checkpoint
+
+        def job() -> None:
+            save_state(snapshot, target)
+            self._link_and_rotate(target, names[1:], deletions)
+
+        self._jobs.submit(job, label=str(target))
+
+    def _link_and_rotate(self, target: Path, links: list[str], deletions: list[str]) -> None:
+        """After ``target`` is committed: point the other names at it, then delete evicted files."""
+        for name in links:
+            atomic_link(target, self.dirpath / name)
+        for name in deletions:
+            (self.dirpath / name).unlink(missing_ok=True)
+        if deletions:
+            fsync_dir(self.dirpath)
+
+
+def _gather_rng_states(trainer: pl.Trainer) -> list[dict[str, Any]]:
+    """Every rank's RNG states, indexed by global rank; a collective under DDP (all ranks save)."""
+    state = capture_rng_state()
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return [state]
+    states: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(states, state)
+    return states

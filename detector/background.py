@@ -1,0 +1,55 @@
+"""Run file jobs one at a time, inline or in a background thread, surfacing a failure at the next call."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+class BackgroundWriteError(RuntimeError):
+    """A background checkpoint job failed; the original error is its ``__cause__``."""
+
+
+class SerialJobs:
+    """At most one job in flight: :meth:`submit` waits for the previous job before starting the next.
+
+    With ``background=False`` a job runs inline, so callers need one code path for sync and async saves.
+    A failed background job is raised (as :class:`BackgroundWriteError`) by the next :meth:`submit` or
+    :meth:`wait`, once.
+    """
+
+    def __init__(self, background: bool) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._label = ""
+
+    def submit(self, job: Callable[[], None], label: str) -> None:
+        """Wait for the job in flight (raising its failure), then run ``job``; ``label`` names it."""
+        self.wait()
+        if not self.background:
+            job()
+            return
+        self._label = label
+        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until no job is in flight; raise the failure of the last one if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise BackgroundWriteError(f"background checkpoint write failed: {self._label}") from error
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background job is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as error:  # surfaced in the training thread by wait()
+            self._error = error

@@ -1,0 +1,43 @@
+"""Tests for the one-at-a-time background job runner."""
+
+import threading
+
+import pytest
+
+from detector.background import BackgroundWriteError, SerialJobs
+
+
+def test_inline_mode_runs_the_job_before_returning() -> None:
+    done = []
+    SerialJobs(background=False).submit(lambda: done.append(1), label="a")
+    assert done == [1]
+
+
+def test_background_jobs_run_one_at_a_time_in_submission_order() -> None:
+    jobs, order = SerialJobs(background=True), []
+    release = threading.Event()
+
+    def first() -> None:
+        release.wait(timeout=10)
+        order.append("first")
+
+    jobs.submit(first, label="first")
+    assert jobs.busy
+    release.set()
+    jobs.submit(lambda: order.append("second"), label="second")  # waits for the first
+    jobs.wait()
+    assert order == ["first", "second"]
+    assert not jobs.busy
+
+
+def test_a_failed_background_job_surfaces_once_at_the_next_call() -> None:
+    jobs = SerialJobs(background=True)
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    jobs.submit(fail, label="checkpoint_latest.safetensors")
+    with pytest.raises(BackgroundWriteError, match=r"failed: checkpoint_latest\.safetensors") as error:
+        jobs.submit(lambda: None, label="next")
+    assert isinstance(error.value.__cause__, OSError)
+    jobs.wait()  # reported once
