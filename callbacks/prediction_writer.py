@@ -48,7 +48,7 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         index = torch.cat([batch["index"] for batch in predictions]).tolist()
         probs = torch.cat([batch["prob_machine"] for batch in predictions]).tolist()
-        records = getattr(trainer.datamodule, "records", {}).get("predict")
+        records = getattr(getattr(trainer, "datamodule", None), "records", {}).get("predict")
         ids = records.extra.get("id") if records is not None else None
         rows = []
         for row, prob in sorted(zip(index, probs, strict=True)):

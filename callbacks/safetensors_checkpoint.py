@@ -17,6 +17,7 @@ from detector.atomic import atomic_link, clean_stale_temps, fsync_dir
 from detector.background import BackgroundWriteError, SerialJobs
 from detector.checkpoint_io import SafetensorsCheckpointIO
 from detector.interrupt import GracefulSigint
+from detector.loader import apply_pending_loader_states
 from detector.rng import capture_rng_state, restore_rng_state
 from detector.state_format import save_state, snapshot_state
 from detector.topk import LATEST_NAME, CheckpointTracker, Mode, best_name, epoch_name, step_name, top_k_name
@@ -116,6 +117,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        apply_pending_loader_states(trainer)
         if trainer.is_global_zero and self._resume_deletions:
             for name in self._resume_deletions:
                 (self.dirpath / name).unlink(missing_ok=True)

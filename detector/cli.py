@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.prediction_writer import PredictionWriter
+from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
+from detector.state_format import read_header
+from detector.tokenizer import save_tokenizer_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "outputs",
@@ -25,15 +30,37 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 class DetectorCLI(LightningCLI):
     """LightningCLI for ``DetectorModule`` and ``DetectorDataModule``, seeded by default.
 
-    The tokenizer's vocabulary size flows from the data module to the model, and the model's
-    ``pretrained`` backbone tells the data module which tokenizer to load.
+    Every run has a ``SafetensorsTopKCheckpoint`` (``--checkpoint.*``) and a ``PredictionWriter``
+    (``--prediction_writer.*``, used by ``predict``). The tokenizer's vocabulary size flows from the
+    data module to the model, and the model's ``pretrained`` backbone tells the data module which
+    tokenizer to load.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Always present, configured as --checkpoint.* and --prediction_writer.*.
+        parser.add_lightning_class_args(SafetensorsTopKCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments(
             "data", "model.vocab_size", compute_fn=lambda data: data.vocab_size, apply_on="instantiate"
         )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        ckpt_path, data = config.get("ckpt_path"), config["data"]
+        if ckpt_path and Path(ckpt_path).is_file() and data.get("tokenizer_path") is None:
+            data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
+
+
+def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:
+    """The checkpoint's tokenizer, written once under ``root/checkpoint-<checksum>``; ``None`` if absent."""
+    header = read_header(ckpt_path)
+    files = (header["state"].get("DetectorDataModule") or {}).get("tokenizer_files")
+    if not files:
+        return None
+    return str(
+        save_tokenizer_files(files, Path(root) / f"checkpoint-{header['checksum'].split(':')[-1][:16]}")
+    )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DetectorCLI:

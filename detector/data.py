@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from detector.backbone import has_own_tokenizer
 from detector.demo import write_demo_corpus
-from detector.loader import ResumableBatchSampler, ResumableDataLoader
+from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.records import Records, read_records
 from detector.splits import stratified_group_split
 from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
@@ -64,6 +64,9 @@ class DetectorDataModule(LightningDataModule):
         predict_path: file to score with ``predict``; labels optional.
         pretrained: the backbone's hub id or folder, whose tokenizer is used when it has one
             (linked from ``model.pretrained`` by the CLI).
+        tokenizer_path: a folder holding a saved tokenizer to use as is; the CLI fills it from the
+            checkpoint when given ``--ckpt_path``, so a checkpoint is resumed, tested or scored with
+            the very tokenizer it was trained with.
         tokenizer_root: where a locally trained tokenizer is saved, one folder per training data
             fingerprint, and reused by later runs on the same data.
         tokenizer_vocab_size: target vocabulary size of a locally trained tokenizer.
@@ -82,6 +85,7 @@ class DetectorDataModule(LightningDataModule):
         test_path: str | None = None,
         predict_path: str | None = None,
         pretrained: str | None = None,
+        tokenizer_path: str | None = None,
         demo_dir: str = "outputs/demo_data",
         tokenizer_root: str = "outputs/tokenizer",
         tokenizer_vocab_size: int = 8000,
@@ -139,7 +143,9 @@ class DetectorDataModule(LightningDataModule):
         if self._tokenizer is None:
             h: Any = self.hparams
             pretrained = h.pretrained
-            if has_own_tokenizer(pretrained):
+            if h.tokenizer_path is not None:
+                self._tokenizer = AutoTokenizer.from_pretrained(h.tokenizer_path)
+            elif has_own_tokenizer(pretrained):
                 self._tokenizer = AutoTokenizer.from_pretrained(pretrained)
             else:
                 folder = Path(h.tokenizer_root) / f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
@@ -161,7 +167,14 @@ class DetectorDataModule(LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Nothing to restore: the data order lives in the resumable loader's own state."""
+        """Check that a resumed run tokenizes as the checkpoint's run did (data order: the loader's state)."""
+        saved = state_dict.get("tokenizer_files", {}).get("tokenizer.json")
+        if saved is not None and saved != tokenizer_files(self.tokenizer).get("tokenizer.json"):
+            raise ValueError(
+                "the checkpoint was trained with another tokenizer than this run's "
+                f"(data.tokenizer_root={cast(Any, self.hparams).tokenizer_root!r}); resume with the run's "
+                "own tokenizer_root, or export the checkpoint's tokenizer with `python -m detector export`"
+            )
 
     def setup(self, stage: str) -> None:
         paths = self._paths()
@@ -209,15 +222,11 @@ class DetectorDataModule(LightningDataModule):
             counts = torch.bincount(torch.tensor(dataset.labels), minlength=2).double()
             weights = (1.0 / counts.clamp(min=1))[torch.tensor(dataset.labels)].tolist()
         trainer = self.trainer
-        sampler = ResumableBatchSampler(
-            len(dataset),
-            h.batch_size if train else (h.eval_batch_size or 2 * h.batch_size),
-            seed=h.seed,
-            shuffle=train,
-            weights=weights,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
-        )
+        sampler = ResumableSampler(
+            len(dataset), seed=h.seed, shuffle=train, weights=weights,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )  # fmt: skip
+        batch_size = h.batch_size if train else (h.eval_batch_size or 2 * h.batch_size)
         consumed = None
         if train and trainer is not None:
             progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
@@ -226,6 +235,7 @@ class DetectorDataModule(LightningDataModule):
         return ResumableDataLoader(
             dataset,
             sampler,
+            batch_size,
             partial(pad_batch, pad_id=pad_id),
             consumed=consumed,
             num_workers=h.num_workers,

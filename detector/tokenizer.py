@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,8 +33,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2To
     )
     raw.train_from_iterator(texts, trainer)
     model = json.loads(raw.to_str())["model"]
-    vocab = [(str(piece), float(score)) for piece, score in model["vocab"]]
-    return DebertaV2Tokenizer(vocab=vocab, unk_id=int(model["unk_id"]))
+    pieces = [(str(piece), float(score)) for piece, score in model["vocab"]]
+    # The trainer's piece order (and the low bits of its scores) vary from run to run; order the
+    # pieces by their text so the same texts give the same ids. Runs still reuse the saved tokenizer.
+    specials = [entry for entry in pieces if entry[0] in SPECIAL_TOKENS]
+    rest = sorted((entry for entry in pieces if entry[0] not in SPECIAL_TOKENS), key=lambda e: e[0])
+    vocab = specials + rest
+    return DebertaV2Tokenizer(vocab=vocab, unk_id=vocab.index(("[UNK]", pieces[int(model["unk_id"])][1])))
 
 
 def load_or_train_tokenizer(
@@ -64,3 +70,15 @@ def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
         for name, text in files.items():
             (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
         return AutoTokenizer.from_pretrained(folder)
+
+
+def save_tokenizer_files(files: dict[str, str], folder: str | Path) -> Path:
+    """Write :func:`tokenizer_files` output into ``folder`` (kept if it already exists), atomically."""
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        for name, text in files.items():
+            (staging / Path(name).name).write_text(text, encoding="utf-8")
+        os.replace(staging, folder)
+    return folder

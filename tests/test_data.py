@@ -71,3 +71,19 @@ def test_bad_row_in_val_file_fails_setup_with_its_line(tmp_path, demo_files):
 def test_invalid_options_are_rejected():
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         DetectorDataModule(batch_size=0)
+
+
+def test_resume_refuses_a_checkpoint_of_another_tokenizer(tmp_path, demo_files):
+    dm = make_dm(tmp_path, demo_files)
+    state = dm.state_dict()
+    assert state["data_fingerprint"] == dm.data_fingerprint()
+    dm.load_state_dict(state)  # the same tokenizer: accepted
+    state["tokenizer_files"]["tokenizer.json"] = "{}"
+    with pytest.raises(ValueError, match="another tokenizer"):
+        dm.load_state_dict(state)
+
+
+def test_locally_trained_tokenizer_is_deterministic(tmp_path, demo_files):
+    first = make_dm(tmp_path / "a", demo_files).tokenizer
+    second = make_dm(tmp_path / "b", demo_files).tokenizer
+    assert first.get_vocab() == second.get_vocab()

@@ -1,0 +1,86 @@
+"""A run interrupted at any optimizer step and resumed from that step's checkpoint equals the straight run."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks.ema import EMACallback
+from detector.cli import build_cli
+
+TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
+EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
+
+
+def fit(cwd: Path, demo_files: dict[str, Path], *extra: str):
+    args = [
+        "fit", "--trainer.max_epochs", "2", "--trainer.deterministic", "true",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.callbacks", EMA, "--model.arch", TINY,
+        "--data.batch_size", "8", "--data.train_path", str(demo_files["train"]),
+        "--data.val_path", str(demo_files["val"]), "--data.tokenizer_root", str(cwd.parent / "tokenizer"),
+        "--data.tokenizer_vocab_size", "200", "--checkpoint.every_n_train_steps", "1",
+        "--checkpoint.keep_last_steps", "-1", *extra,
+    ]  # fmt: skip
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return build_cli(args)
+
+
+def logged_losses(cwd: Path) -> dict[int, str]:
+    with open(cwd / "outputs/logs/version_0/metrics.csv") as handle:
+        return {
+            int(row["step"]): row["train_loss_step"]
+            for row in csv.DictReader(handle)
+            if row["train_loss_step"]
+        }
+
+
+def final_state(cli) -> dict[str, dict[str, torch.Tensor]]:
+    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMACallback)]
+    optimizer = cli.trainer.optimizers[0].state_dict()["state"]
+    return {
+        "weights": dict(cli.model.state_dict()),
+        "optimizer": {f"{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()},
+        "ema": ema.averaged_state_dict(),
+    }
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, request):
+    demo_files = request.getfixturevalue("module_demo_files")
+    cwd = tmp_path_factory.mktemp("straight") / "run"
+    cli = fit(cwd, demo_files)
+    return cwd, final_state(cli), logged_losses(cwd)
+
+
+@pytest.fixture(scope="module")
+def module_demo_files(tmp_path_factory):
+    from detector.demo import demo_rows
+    from tests.conftest import write_jsonl
+
+    folder = tmp_path_factory.mktemp("data")
+    return {split: write_jsonl(folder / f"{split}.jsonl", demo_rows(n, seed=i))
+            for i, (split, n) in enumerate([("train", 96), ("val", 32)])}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [7, 12], ids=["mid_epoch", "epoch_end"])
+def test_resume_from_any_step_equals_the_straight_run(tmp_path, straight, module_demo_files, step):
+    straight_cwd, expected, expected_losses = straight
+    assert len(expected_losses) == 24  # 12 batches an epoch, 2 epochs
+    saved = tmp_path / f"checkpoint_step_{step}.safetensors"
+    shutil.copy(straight_cwd / f"outputs/checkpoints/checkpoint_step_{step}.safetensors", saved)
+    cli = fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(saved))
+    assert cli.trainer.global_step == 24
+    got = final_state(cli)
+    for part in ("weights", "optimizer", "ema"):
+        assert got[part].keys() == expected[part].keys(), part
+        for key, value in expected[part].items():
+            assert torch.equal(got[part][key], value), f"{part}: {key}"
+    losses = logged_losses(tmp_path / "resumed")
+    assert sorted(losses) == list(range(step, 24))
+    assert {s: expected_losses[s] for s in losses} == losses
