@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from typing_extensions import override
 
 from detector.atomic import fsync_dir
-from detector.state_format import load_state, save_state
+from detector.state_format import CheckpointFormatError, load_state, save_state
 
 _Module = TypeVar("_Module", bound="pl.LightningModule")
 
@@ -55,7 +55,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         # weights_only is torch.load's pickle restriction; nothing here unpickles, so it is moot.
-        return load_state(path, map_location=_as_device(map_location))
+        return _as_checkpoint(load_state(path, map_location=_as_device(map_location)), path)
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
@@ -77,7 +77,11 @@ def load_module_from_checkpoint(
     The pickle-free counterpart of ``cls.load_from_checkpoint``: ``kwargs`` override saved
     hyperparameters, ``strict`` and the module's ``on_load_checkpoint`` behave as in Lightning.
     """
-    checkpoint = load_state(checkpoint_path, map_location=map_location)
+    checkpoint = _as_checkpoint(load_state(checkpoint_path, map_location=map_location), checkpoint_path)
+    if "state_dict" not in checkpoint:
+        raise CheckpointFormatError(
+            f"{checkpoint_path}: holds no 'state_dict'; keys: {sorted(map(str, checkpoint))}"
+        )
     checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=Path(checkpoint_path))
     checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
     checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
@@ -109,6 +113,14 @@ class SafetensorsLoadingMixin:
             if kwargs.pop(unsupported, None) is not None:
                 raise ValueError(f"{cls.__name__}.load_from_checkpoint does not support {unsupported}")
         return load_module_from_checkpoint(cls, checkpoint_path, map_location, strict, **kwargs)  # type: ignore[type-var]
+
+
+def _as_checkpoint(state: Any, path: _PATH) -> dict[str, Any]:
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(
+            f"{path}: holds a {type(state).__name__}, not a Lightning checkpoint dict"
+        )
+    return state
 
 
 def _as_device(map_location: Any) -> str | torch.device | None:

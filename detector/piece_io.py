@@ -23,7 +23,7 @@ import hashlib
 import os
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,12 +92,6 @@ def _result(pending: Future[bytes] | bytes) -> bytes:
 def pieces(data: memoryview) -> list[tuple[int, memoryview]]:
     """``(offset within data, piece)`` for each ``PIECE_BYTES`` piece of ``data``."""
     return [(start, data[start : start + PIECE_BYTES]) for start in range(0, len(data), PIECE_BYTES)]
-
-
-def scratch_pieces(nbytes: int) -> Iterator[tuple[int, memoryview]]:
-    """Like :func:`pieces` for ``nbytes`` of fresh scratch memory, allocated one piece at a time."""
-    for start in range(0, nbytes, PIECE_BYTES):
-        yield start, memoryview(bytearray(min(PIECE_BYTES, nbytes - start)))
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from detector.checkpoint_io import SafetensorsCheckpointIO, SafetensorsLoadingMixin
 from detector.rng import capture_rng_state
-from detector.state_format import CheckpointFormatError, load_state, snapshot_state, verify_state
+from detector.state_format import CheckpointFormatError, load_state, save_state, snapshot_state, verify_state
 from tests.state_helpers import assert_identical
 
 
@@ -199,6 +199,19 @@ def test_a_pickled_ckpt_is_refused_by_fit_and_load_from_checkpoint(tmp_path: Pat
     with pytest.raises(CheckpointFormatError, match="a pickle file"):
         TinyModule.load_from_checkpoint(path)
     assert not marker.exists()
+
+
+def test_files_that_hold_no_lightning_checkpoint_are_refused(tmp_path: Path) -> None:
+    save_state([1, 2], tmp_path / "list.safetensors")
+    save_state({"epoch": 1}, tmp_path / "no_weights.safetensors")
+    with pytest.raises(
+        CheckpointFormatError, match=r"list.safetensors: holds a list, not a Lightning checkpoint"
+    ):
+        SafetensorsCheckpointIO().load_checkpoint(tmp_path / "list.safetensors")
+    with pytest.raises(
+        CheckpointFormatError, match=r"no_weights.safetensors: holds no 'state_dict'; keys: \['epoch'\]"
+    ):
+        TinyModule.load_from_checkpoint(tmp_path / "no_weights.safetensors")
 
 
 def test_remove_checkpoint_deletes_the_file_and_tolerates_a_missing_one(tmp_path: Path) -> None:

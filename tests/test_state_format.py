@@ -61,6 +61,18 @@ def test_save_load_round_trip_restores_every_value_type_exactly(tmp_path: Path) 
     assert _files(tmp_path) == ["state.safetensors"]
 
 
+def test_mmap_load_restores_every_value_type_and_never_writes_the_file(tmp_path: Path) -> None:
+    state, path = every_type_state(), tmp_path / "state.safetensors"
+    save_state(state, path)
+    loaded = load_state(path, mmap=True)
+    assert_identical(loaded, state)
+    loaded["state_dict"]["layer.weight"].add_(1)  # copy-on-write: the file keeps its bytes
+    verify_state(path)
+    assert_identical(load_state(path), state)
+    path.unlink()  # the mapping outlives the name
+    assert torch.equal(loaded["state_dict"]["layer.bias"], torch.zeros(3))
+
+
 def test_saved_file_is_plain_safetensors_with_detector_metadata(tmp_path: Path) -> None:
     path = tmp_path / "state.safetensors"
     save_state({"a": torch.ones(2, 3), "b": torch.arange(3, dtype=torch.int8), "epoch": 1}, path)
@@ -262,8 +274,10 @@ def test_truncated_file_fails_with_a_clear_error(tmp_path: Path, keep: int) -> N
         verify_state(path)
 
 
-@pytest.mark.parametrize("kind", ["crc32-tree", "sha256-tree"])
-def test_every_single_byte_flip_is_detected(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "mmap"), [("crc32-tree", False), ("sha256-tree", False), ("crc32-tree", True)]
+)
+def test_every_single_byte_flip_is_detected(tmp_path: Path, kind: str, mmap: bool) -> None:
     path = tmp_path / "s.safetensors"
     save_state(_small_state(), path, checksum=kind)
     original = path.read_bytes()
@@ -272,7 +286,7 @@ def test_every_single_byte_flip_is_detected(tmp_path: Path, kind: str) -> None:
         corrupt[position] ^= 0x01
         path.write_bytes(corrupt)
         with pytest.raises(CheckpointFormatError, match=str(path)):
-            load_state(path)
+            load_state(path, mmap=mmap)
 
 
 def test_flipped_byte_in_tensor_data_is_a_checksum_mismatch(tmp_path: Path) -> None:
