@@ -72,8 +72,15 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        # sync_dist: the logged loss is the global batch's (mean over ranks), one scalar all-reduce a step.
         self.log(
-            "train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["labels"])
+            "train_loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch["labels"]),
         )
         return loss
 
@@ -102,8 +109,9 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self._val_labels.append(batch["labels"].detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.val_metrics.reset()
+        # Logged as Metric objects: Lightning computes them (torchmetrics gathers every rank's state)
+        # and resets them at epoch end.
+        self.log_dict(self.val_metrics, prog_bar=True)
 
     def last_val_scores(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """P(machine) and labels of the last validation epoch on this rank (for threshold choice)."""
@@ -115,8 +123,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.test_metrics.reset()
+        self.log_dict(self.test_metrics)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         scores = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)[:, 1]

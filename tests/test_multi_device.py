@@ -1,0 +1,154 @@
+"""Multi-process training through the CLI on CPU (gloo): configs/ddp.yaml and configs/fsdp.yaml."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from multi_device_helpers import TINY, cli_fit, metric_rows, tensors
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+
+from detector.data import DetectorDataModule, pad_batch
+from detector.demo import demo_rows
+from detector.loader import ResumableSampler
+from detector.module import DetectorModule
+from detector.state_format import load_state
+from detector.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
+from tests.conftest import write_jsonl
+
+DDP = "configs/ddp.yaml"
+STEP_FILES = ("--checkpoint.every_n_train_steps", "1", "--checkpoint.keep_last_steps", "-1")
+STEPS = 12  # 96 samples, 2 ranks x batch 8: 6 steps an epoch, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    return {split: write_jsonl(folder / f"{split}.jsonl", demo_rows(n, seed=i))
+            for i, (split, n) in enumerate([("train", 96), ("val", 32)])}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, data) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("ddp") / "straight"
+    return cwd, cli_fit(cwd, data, DDP, *STEP_FILES)
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def _expected_checkpoints(cwd: Path) -> set[str]:
+    val_rows = [row for row in metric_rows(cwd) if row["val_f1"]]
+    tops = {top_k_name("val_f1", int(r["epoch"]), int(r["step"]) + 1, float(r["val_f1"])) for r in val_rows}
+    steps = {step_name(s) for s in range(1, STEPS + 1)}
+    return steps | tops | {epoch_name(1), best_name("val_f1"), LATEST_NAME}
+
+
+@pytest.mark.slow
+def test_ddp_fit_writes_one_set_of_checkpoints_logs_and_bundles(ddp_run) -> None:
+    cwd, output = ddp_run
+    outputs = cwd / "outputs"
+    assert _names(outputs) == {"checkpoints", "logs", "models"}
+    assert _names(outputs / "checkpoints") == _expected_checkpoints(cwd)
+    assert _names(outputs / "logs") == {"version_0"}
+    assert _names(outputs / "logs/version_0") == {"config.yaml", "hparams.yaml", "metrics.csv"}
+    steps = [int(row["step"]) for row in metric_rows(cwd) if row["train_loss_step"]]
+    assert steps == list(range(STEPS))
+    state = load_state(outputs / "checkpoints" / LATEST_NAME)
+    assert state["global_step"] == STEPS
+    (export,) = [v for k, v in state["callbacks"].items() if k.startswith("InferenceExportCallback")]
+    assert _names(outputs / "models/inference") == {*export["written"], "model_v1.0_final"}
+    assert output.count("`Trainer.fit` stopped: `max_epochs=2` reached.") == 1
+    assert "sync_dist=True" not in output
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_holds_every_ranks_own_rng_state(ddp_run) -> None:
+    cwd, _ = ddp_run
+    states = load_state(cwd / "outputs/checkpoints" / step_name(3))["rng_states"]
+    assert len(states) == 2
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+
+
+def _rank_loaders(dm: DetectorDataModule, rank: int) -> tuple[list[int], list[int]]:
+    progress = SimpleNamespace(processed=0)
+    fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=progress)))
+    dm.trainer = SimpleNamespace(global_rank=rank, world_size=2, fit_loop=fit_loop)  # type: ignore[assignment]
+    train = [i for batch in dm.train_dataloader() for i in batch["index"].tolist()]
+    val = [i for batch in dm.val_dataloader() for i in batch["index"].tolist()]
+    return train, val
+
+
+def test_data_module_gives_each_rank_its_own_half(tmp_path, data) -> None:
+    dm = DetectorDataModule(
+        train_path=str(data["train"]), val_path=str(data["val"]), tokenizer_root=str(tmp_path),
+        tokenizer_vocab_size=200, batch_size=8,
+    )  # fmt: skip
+    dm.setup("fit")
+    (train0, val0), (train1, val1) = _rank_loaders(dm, 0), _rank_loaders(dm, 1)
+    assert len(train0) == len(train1) == 48 and sorted(train0 + train1) == list(range(96))
+    assert val0 == list(range(0, 32, 2)) and val1 == list(range(1, 32, 2))
+
+
+@pytest.mark.slow
+def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> None:
+    cwd, _ = ddp_run
+    state = load_state(cwd / "outputs/checkpoints" / LATEST_NAME)
+    dm = DetectorDataModule(
+        train_path=str(data["train"]), val_path=str(data["val"]),
+        tokenizer_root=str(cwd.parent / "tokenizer"), tokenizer_vocab_size=200,
+    )  # fmt: skip
+    dm.setup("fit")
+    module = DetectorModule(arch=eval(TINY), vocab_size=dm.vocab_size).eval()
+    module.load_state_dict(state["callbacks"]["EMACallback"]["ema"])  # the last validation ran on the EMA
+    weight, dataset = dm.class_weights(), dm.datasets["val"]
+    losses, scores, labels = [], [], []
+    for rank in (0, 1):
+        shard = ResumableSampler(len(dataset), shuffle=False, rank=rank, world_size=2).indices(0)
+        batch = pad_batch([dataset[i] for i in shard], dm.tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = module(batch["input_ids"], batch["attention_mask"]).float()
+        losses.append(F.cross_entropy(logits, batch["labels"], weight=weight))
+        scores.append(logits.softmax(-1)[:, 1])
+        labels.append(batch["labels"])
+    score, label = torch.cat(scores), torch.cat(labels)
+    expected = {
+        "val_loss": torch.stack(losses).mean(),
+        "val_f1": binary_f1_score(score, label),
+        "val_auroc": binary_auroc(score, label),
+        "val_acc": binary_accuracy(score, label),
+    }
+    logged = [row for row in metric_rows(cwd) if row["val_f1"]][-1]
+    for name, value in expected.items():
+        assert float(logged[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [4])
+def test_ddp_resume_mid_epoch_equals_the_straight_run(tmp_path, ddp_run, data, step) -> None:
+    straight_cwd, _ = ddp_run
+    saved = tmp_path / step_name(step)
+    shutil.copy(straight_cwd / "outputs/checkpoints" / step_name(step), saved)
+    resumed_cwd = straight_cwd.parent / f"resumed_{step}"
+    cli_fit(resumed_cwd, data, DDP, *STEP_FILES, "--ckpt_path", str(saved))
+    expected = load_state(straight_cwd / "outputs/checkpoints" / LATEST_NAME)
+    got = load_state(resumed_cwd / "outputs/checkpoints" / LATEST_NAME)
+    assert got["global_step"] == STEPS
+    for part in ("state_dict", "optimizer_states", "callbacks", "rng_states"):
+        want, have = tensors(expected[part]), tensors(got[part])
+        assert have.keys() == want.keys(), part
+        assert [k for k in want if not torch.equal(have[k], want[k])] == [], part
+    assert len(tensors(expected["callbacks"]["EMACallback"]["ema"])) > 0
+    straight_losses = {
+        r["step"]: r["train_loss_step"] for r in metric_rows(straight_cwd) if r["train_loss_step"]
+    }
+    resumed_losses = {
+        r["step"]: r["train_loss_step"] for r in metric_rows(resumed_cwd) if r["train_loss_step"]
+    }
+    assert sorted(map(int, resumed_losses)) == list(range(step, STEPS))
+    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
