@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import get_linear_schedule_with_warmup
 
 from detector.backbone import build_classifier
@@ -62,6 +63,17 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         weights = datamodule.class_weights() if has_weights else None  # type: ignore[union-attr]
         if weights is not None:
             self.loss_weight.copy_(weights)
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: FSDP2, each DeBERTa layer sharded, then the whole classifier."""
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):
+            return
+        data_parallel = mesh["data_parallel"]
+        layers: Any = self.model.deberta.encoder.layer  # type: ignore[union-attr]
+        for layer in layers:
+            fully_shard(layer, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of shape (batch, 2)."""

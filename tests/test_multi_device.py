@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from multi_device_helpers import TINY, cli_fit, metric_rows, tensors
+from safetensors.torch import load_file
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+from transformers import DebertaV2ForSequenceClassification
 
 from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
+from detector.export_cmd import main as export_main
 from detector.loader import ResumableSampler
 from detector.module import DetectorModule
 from detector.state_format import load_state
@@ -104,7 +108,7 @@ def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> No
         tokenizer_root=str(cwd.parent / "tokenizer"), tokenizer_vocab_size=200,
     )  # fmt: skip
     dm.setup("fit")
-    module = DetectorModule(arch=eval(TINY), vocab_size=dm.vocab_size).eval()
+    module = DetectorModule(arch=json.loads(TINY), vocab_size=dm.vocab_size).eval()
     module.load_state_dict(state["callbacks"]["EMACallback"]["ema"])  # the last validation ran on the EMA
     weight, dataset = dm.class_weights(), dm.datasets["val"]
     losses, scores, labels = [], [], []
@@ -128,6 +132,21 @@ def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> No
         assert float(logged[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), name
 
 
+def _assert_same_final_state(straight: Path, resumed: Path, parts: tuple[str, ...]) -> None:
+    expected = load_state(straight / "outputs/checkpoints" / LATEST_NAME)
+    got = load_state(resumed / "outputs/checkpoints" / LATEST_NAME)
+    assert got["global_step"] == expected["global_step"] == STEPS
+    assert len(tensors(expected["callbacks"]["EMACallback"]["ema"])) == len(expected["state_dict"])
+    for part in parts:
+        want, have = tensors(expected[part]), tensors(got[part])
+        assert have.keys() == want.keys(), part
+        assert [k for k in want if not torch.equal(have[k], want[k])] == [], part
+
+
+def _train_losses(cwd: Path) -> dict[str, str]:
+    return {row["step"]: row["train_loss_step"] for row in metric_rows(cwd) if row["train_loss_step"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("step", [4])
 def test_ddp_resume_mid_epoch_equals_the_straight_run(tmp_path, ddp_run, data, step) -> None:
@@ -136,14 +155,9 @@ def test_ddp_resume_mid_epoch_equals_the_straight_run(tmp_path, ddp_run, data, s
     shutil.copy(straight_cwd / "outputs/checkpoints" / step_name(step), saved)
     resumed_cwd = straight_cwd.parent / f"resumed_{step}"
     cli_fit(resumed_cwd, data, DDP, *STEP_FILES, "--ckpt_path", str(saved))
-    expected = load_state(straight_cwd / "outputs/checkpoints" / LATEST_NAME)
-    got = load_state(resumed_cwd / "outputs/checkpoints" / LATEST_NAME)
-    assert got["global_step"] == STEPS
-    for part in ("state_dict", "optimizer_states", "callbacks", "rng_states"):
-        want, have = tensors(expected[part]), tensors(got[part])
-        assert have.keys() == want.keys(), part
-        assert [k for k in want if not torch.equal(have[k], want[k])] == [], part
-    assert len(tensors(expected["callbacks"]["EMACallback"]["ema"])) > 0
+    _assert_same_final_state(
+        straight_cwd, resumed_cwd, ("state_dict", "optimizer_states", "callbacks", "rng_states")
+    )
     straight_losses = {
         r["step"]: r["train_loss_step"] for r in metric_rows(straight_cwd) if r["train_loss_step"]
     }
@@ -152,3 +166,82 @@ def test_ddp_resume_mid_epoch_equals_the_straight_run(tmp_path, ddp_run, data, s
     }
     assert sorted(map(int, resumed_losses)) == list(range(step, STEPS))
     assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
+
+
+# FSDP2 runs without dropout and class weights: 2 ranks x batch 8 then train exactly as 1 rank x batch 16
+# (up to float rounding), so a 2-rank checkpoint resumed on 1 rank can be checked against the 2-rank run.
+FSDP = "configs/fsdp.yaml"
+NO_DROPOUT = (
+    TINY[:-1] + ', "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pooler_dropout": 0.0}'
+)
+FSDP_ARGS = (*STEP_FILES, "--model.arch", NO_DROPOUT, "--data.balance", "none")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, data) -> tuple[Path, str]:
+    cwd = tmp_path_factory.mktemp("fsdp") / "straight"
+    return cwd, cli_fit(cwd, data, FSDP, *FSDP_ARGS)
+
+
+@pytest.mark.slow
+def test_fsdp2_fit_writes_one_set_of_full_state_checkpoints(fsdp_run, data) -> None:
+    cwd, output = fsdp_run
+    assert _names(cwd / "outputs/checkpoints") == _expected_checkpoints(cwd)
+    assert _names(cwd / "outputs/logs") == {"version_0"}
+    state = load_state(cwd / "outputs/checkpoints" / LATEST_NAME)
+    full = DetectorModule(arch=json.loads(NO_DROPOUT), vocab_size=200).state_dict()
+    assert {k: v.shape for k, v in state["state_dict"].items()} == {k: v.shape for k, v in full.items()}
+    ema = state["callbacks"]["EMACallback"]["ema"]
+    assert {k: v.shape for k, v in ema.items()} == {k: v.shape for k, v in full.items()}
+    assert len(state["rng_states"]) == 2 and len(state["optimizer_states"][0]["state"]) == len(full)
+    assert output.count("`Trainer.fit` stopped: `max_epochs=2` reached.") == 1
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_mid_epoch_equals_the_straight_run(fsdp_run, data) -> None:
+    straight_cwd, _ = fsdp_run
+    saved = straight_cwd.parent / step_name(4)
+    shutil.copy(straight_cwd / "outputs/checkpoints" / step_name(4), saved)
+    resumed_cwd = straight_cwd.parent / "resumed"
+    cli_fit(resumed_cwd, data, FSDP, *FSDP_ARGS, "--ckpt_path", str(saved))
+    _assert_same_final_state(straight_cwd, resumed_cwd, ("state_dict", "optimizer_states", "callbacks"))
+    straight_losses, resumed_losses = _train_losses(straight_cwd), _train_losses(resumed_cwd)
+    assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
+
+
+@pytest.mark.slow
+def test_fsdp2_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, data) -> None:
+    straight_cwd, _ = fsdp_run
+    saved = straight_cwd.parent / f"one_rank_{step_name(4)}"
+    shutil.copy(straight_cwd / "outputs/checkpoints" / step_name(4), saved)
+    resumed_cwd = straight_cwd.parent / "one_rank"
+    extra = ("--trainer.devices", "1", "--data.batch_size", "16", "--ckpt_path", str(saved))
+    cli_fit(resumed_cwd, data, FSDP, *FSDP_ARGS, *extra)
+    expected = load_state(straight_cwd / "outputs/checkpoints" / LATEST_NAME)
+    got = load_state(resumed_cwd / "outputs/checkpoints" / LATEST_NAME)
+    assert got["global_step"] == STEPS and len(got["rng_states"]) == 1
+    assert sorted(map(int, _train_losses(resumed_cwd))) == list(range(4, STEPS))
+    for part in ("state_dict", "optimizer_states"):
+        want, have = tensors(expected[part]), tensors(got[part])
+        assert have.keys() == want.keys(), part
+        for key, value in want.items():
+            torch.testing.assert_close(have[key], value, rtol=1e-4, atol=1e-5, msg=f"{part}: {key}")
+
+
+@pytest.mark.slow
+def test_fsdp2_export_equals_the_export_of_the_gathered_weights(fsdp_run, tmp_path) -> None:
+    cwd, _ = fsdp_run
+    from_run = cwd / "outputs/models/inference/model_v1.0_final"
+    assert (
+        export_main([str(cwd / "outputs/checkpoints" / LATEST_NAME), "--out", str(tmp_path), "--name", "b"])
+        == 0
+    )
+    exported, gathered = (
+        load_file(from_run / "model.safetensors"),
+        load_file(tmp_path / "b/model.safetensors"),
+    )
+    assert exported.keys() == gathered.keys()
+    assert all(torch.equal(exported[k], gathered[k]) for k in gathered)
+    model = DebertaV2ForSequenceClassification.from_pretrained(from_run)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in exported.items())
