@@ -199,6 +199,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint["rng_states"] = _gather_rng_states(trainer)
+        # The metrics this state was saved with, for `detector checkpoints list` and bundle metadata.
+        checkpoint["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     @override
     def on_load_checkpoint(

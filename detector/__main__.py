@@ -17,9 +17,9 @@ TOOLS = {
 
 def main(args: list[str] | None = None) -> None:
     """Run the command line on ``args`` (``sys.argv[1:]`` when ``None``)."""
-    args = sys.argv[1:] if args is None else list(args)
-    if args and args[0] in TOOLS:
-        code = importlib.import_module(TOOLS[args[0]]).main(args[1:])
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        code = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
         if code:
             raise SystemExit(code)
         return

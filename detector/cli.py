@@ -45,6 +45,20 @@ class DetectorCLI(LightningCLI):
             "data", "model.vocab_size", compute_fn=lambda data: data.vocab_size, apply_on="instantiate"
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Use a checkpoint's saved model hyperparameters, as LightningCLI does, but without pickle.
+
+        Lightning's own version reads the file with ``torch.load``; this reads the safetensors header.
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(read_header(ckpt_path)["state"].get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         ckpt_path, data = config.get("ckpt_path"), config["data"]

@@ -9,7 +9,7 @@ from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from detector.backbone import has_own_tokenizer
@@ -214,42 +214,47 @@ class DetectorDataModule(LightningDataModule):
         counts = torch.bincount(torch.tensor(self.datasets["train"].labels), minlength=2).double()
         return (counts.sum() / (2 * counts.clamp(min=1))).float()
 
-    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
-        dataset = self.datasets[split]
-        h: Any = self.hparams
+    def _sampler(self, split: str, train: bool) -> ResumableSampler:
+        dataset, h, trainer = self.datasets[split], cast(Any, self.hparams), self.trainer
         weights = None
         if train and h.balance == "sampler":
             counts = torch.bincount(torch.tensor(dataset.labels), minlength=2).double()
             weights = (1.0 / counts.clamp(min=1))[torch.tensor(dataset.labels)].tolist()
-        trainer = self.trainer
-        sampler = ResumableSampler(
+        return ResumableSampler(
             len(dataset), seed=h.seed, shuffle=train, weights=weights,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )  # fmt: skip
-        batch_size = h.batch_size if train else (h.eval_batch_size or 2 * h.batch_size)
-        consumed = None
-        if train and trainer is not None:
-            progress: Any = trainer.fit_loop.epoch_loop.batch_progress.current
-            consumed = lambda: progress.processed  # noqa: E731
-        pad_id = self.tokenizer.pad_token_id or 0
-        return ResumableDataLoader(
-            dataset,
-            sampler,
-            batch_size,
-            partial(pad_batch, pad_id=pad_id),
-            consumed=consumed,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
-        )
+
+    def _loader_options(self) -> dict[str, Any]:
+        h: Any = self.hparams
+        return {"collate_fn": partial(pad_batch, pad_id=self.tokenizer.pad_token_id or 0),
+                "num_workers": h.num_workers, "persistent_workers": h.num_workers > 0}  # fmt: skip
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        # Plain DataLoaders: evaluation needs no resume, and Lightning rebuilds them for `predict`.
+        h: Any = self.hparams
+        return DataLoader(
+            self.datasets[split], sampler=self._sampler(split, train=False),
+            batch_size=h.eval_batch_size or 2 * h.batch_size, generator=torch.Generator().manual_seed(h.seed),
+            **self._loader_options(),
+        )  # fmt: skip
 
     def train_dataloader(self) -> ResumableDataLoader:
-        return self._loader("train", train=True)
+        consumed = None
+        if self.trainer is not None:
+            # Lightning fetches a batch ahead: the loop's own count is the position to save.
+            progress: Any = self.trainer.fit_loop.epoch_loop.batch_progress.current
+            consumed = lambda: progress.processed  # noqa: E731
+        batch_size = cast(Any, self.hparams).batch_size
+        sampler = self._sampler("train", train=True)
+        return ResumableDataLoader(self.datasets["train"], sampler, batch_size, consumed=consumed,
+                                   **self._loader_options())  # fmt: skip
 
-    def val_dataloader(self) -> ResumableDataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
 
-    def test_dataloader(self) -> ResumableDataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
 
-    def predict_dataloader(self) -> ResumableDataLoader:
-        return self._loader("predict", train=False)
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")

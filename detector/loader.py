@@ -94,7 +94,7 @@ class ResumableDataLoader(DataLoader):
         dataset: Dataset,
         sampler: ResumableSampler,
         batch_size: int,
-        collate_fn: Callable[[list[Any]], Any],
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         consumed: Callable[[], int] | None = None,
         **kwargs: Any,
     ) -> None:

@@ -17,6 +17,7 @@ from detector.bundle import write_bundle
 from detector.demo import demo_rows
 from detector.tokenizer import train_tokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fdgpt_family"
 
