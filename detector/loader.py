@@ -121,7 +121,13 @@ class ResumableDataLoader(DataLoader):
         """The epoch and the number of its batches already consumed."""
         consumed = self._consumed() if self._consumed is not None else self._yielded
         sampler = self.resumable_sampler
-        return {"epoch": sampler.epoch, "batches_consumed": int(consumed), "seed": sampler.seed}
+        return {
+            "epoch": sampler.epoch,
+            "batches_consumed": int(consumed),
+            "seed": sampler.seed,
+            "batch_size": int(self.batch_size or 1),
+            "world_size": sampler.world_size,
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Resume: the next iteration of the saved epoch starts after its consumed batches."""
@@ -130,7 +136,22 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(
                 f"the checkpoint's data order used seed {state_dict['seed']}, this run uses {sampler.seed}"
             )
+        _check_global_batch(state_dict, int(self.batch_size or 1), sampler)
         sampler.skip(int(state_dict["epoch"]), int(state_dict["batches_consumed"]) * (self.batch_size or 1))
+
+
+def _check_global_batch(state_dict: dict[str, int], batch_size: int, sampler: ResumableSampler) -> None:
+    """Mid-epoch, the position is in batches: it maps onto this run only with the same global batch."""
+    saved_batch = int(state_dict.get("batch_size", batch_size))
+    saved_world = int(state_dict.get("world_size", sampler.world_size))
+    per_rank = -(-sampler.num_samples // saved_world)
+    mid_epoch = 0 < int(state_dict["batches_consumed"]) < -(-per_rank // saved_batch)
+    if mid_epoch and saved_batch * saved_world != batch_size * sampler.world_size:
+        raise ValueError(
+            f"the checkpoint stopped mid-epoch with batches of {saved_batch} on {saved_world} rank(s); this "
+            f"run has {batch_size} on {sampler.world_size}: resume mid-epoch with the same global batch "
+            "(data.batch_size x devices), or resume from an epoch-end checkpoint"
+        )
 
 
 def apply_pending_loader_states(trainer: Any) -> None:

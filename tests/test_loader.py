@@ -59,7 +59,7 @@ def test_loader_state_round_trip_continues_mid_epoch():
     it = iter(loader)
     next(it), next(it)
     state = loader.state_dict()
-    assert state == {"epoch": 1, "batches_consumed": 2, "seed": 5}
+    assert state == {"epoch": 1, "batches_consumed": 2, "seed": 5, "batch_size": 4, "world_size": 1}
     fresh = ResumableDataLoader(data, ResumableSampler(20, seed=5), 4, collate_fn=list)
     fresh.load_state_dict(state)
     fresh.resumable_sampler.set_epoch(1)

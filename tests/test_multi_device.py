@@ -18,7 +18,7 @@ from transformers import DebertaV2ForSequenceClassification
 from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
 from detector.export_cmd import main as export_main
-from detector.loader import ResumableSampler
+from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.module import DetectorModule
 from detector.state_format import load_state
 from detector.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
@@ -97,6 +97,20 @@ def test_data_module_gives_each_rank_its_own_half(tmp_path, data) -> None:
     (train0, val0), (train1, val1) = _rank_loaders(dm, 0), _rank_loaders(dm, 1)
     assert len(train0) == len(train1) == 48 and sorted(train0 + train1) == list(range(96))
     assert val0 == list(range(0, 32, 2)) and val1 == list(range(1, 32, 2))
+
+
+def _loader(batch_size: int, world_size: int) -> ResumableDataLoader:
+    return ResumableDataLoader(list(range(96)), ResumableSampler(96, world_size=world_size), batch_size)
+
+
+def test_mid_epoch_position_maps_onto_another_rank_count_with_the_same_global_batch() -> None:
+    state = {"epoch": 0, "batches_consumed": 4, "seed": 0, "batch_size": 8, "world_size": 2}
+    one_rank = _loader(16, 1)
+    one_rank.load_state_dict(state)
+    assert list(one_rank.resumable_sampler) == ResumableSampler(96).indices(0)[64:]  # 4 steps x 16 seen
+    with pytest.raises(ValueError, match=r"batches of 8 on 2 rank\(s\); this run has 8 on 1"):
+        _loader(8, 1).load_state_dict(state)
+    _loader(8, 1).load_state_dict({**state, "batches_consumed": 6})  # the epoch's end: any batch
 
 
 @pytest.mark.slow
