@@ -27,14 +27,15 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
     checkpoint resumes on any number of ranks. Lightning's own ``ModelParallelStrategy`` reads a
     full checkpoint with ``torch.load`` instead, which cannot read this format.
 
-    ``save_distributed_checkpoint=True`` keeps Lightning's sharded layout (a ``torch.distributed.checkpoint``
-    folder with a pickled ``meta.pt``), read back by Lightning's code.
+    Sharded checkpoints are not supported yet: Lightning's (``save_distributed_checkpoint=True``) is a
+    ``torch.distributed.checkpoint`` folder with a pickled ``meta.pt``, which this project never loads,
+    and which the top-K checkpoint callback cannot link or rotate.
 
     Args:
         data_parallel_size: ranks that shard the model (FSDP2); ``"auto"``: every rank.
         tensor_parallel_size: ranks of a tensor-parallel group; ``"auto"``: 1 (no tensor parallelism,
             unlike Lightning's default, which gives every device of a node to tensor parallelism).
-        save_distributed_checkpoint: write a sharded DCP folder instead of one gathered file.
+        save_distributed_checkpoint: must be ``False`` (kept so configs can state it).
         process_group_backend: ``"gloo"``, ``"nccl"``; ``None`` picks by device.
 
     Example:
@@ -52,6 +53,11 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
     ) -> None:
+        if save_distributed_checkpoint:
+            raise ValueError(
+                "save_distributed_checkpoint=True writes Lightning's sharded folder with a pickled meta.pt, "
+                "which this project does not load; use False (the full state, gathered on global rank zero)"
+            )
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -71,7 +77,10 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
         if path.is_dir():
-            return super().load_checkpoint(path, weights_only=weights_only)
+            raise ValueError(
+                f"{path} is a folder (a sharded torch.distributed.checkpoint, with a pickled meta.pt?): "
+                "only full-state safetensors checkpoint files are loaded"
+            )
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module, strict = self.model, self.lightning_module.strict_loading  # type: ignore[union-attr]
         _load_raw_module_state(checkpoint["state_dict"], module, strict=strict)  # type: ignore[arg-type]

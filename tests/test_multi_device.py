@@ -19,6 +19,7 @@ from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
 from detector.export_cmd import main as export_main
 from detector.loader import ResumableDataLoader, ResumableSampler
+from detector.model_parallel import SafetensorsModelParallelStrategy, optimizer_state_by_name
 from detector.module import DetectorModule
 from detector.state_format import load_state
 from detector.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
@@ -293,3 +294,31 @@ def test_fsdp2_export_equals_the_export_of_the_gathered_weights(fsdp_run, tmp_pa
     model = DebertaV2ForSequenceClassification.from_pretrained(from_run)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in exported.items())
+
+
+def test_strategy_refuses_sharded_checkpoints_it_cannot_load_without_pickle(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"pickled meta\.pt"):
+        SafetensorsModelParallelStrategy(save_distributed_checkpoint=True)
+    with pytest.raises(ValueError, match="only full-state safetensors checkpoint files"):
+        SafetensorsModelParallelStrategy().load_checkpoint(tmp_path)
+
+
+def _two_group_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    return torch.optim.AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}])
+
+
+def test_optimizer_state_is_keyed_by_name_through_the_group_positions() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    optimizer = _two_group_optimizer(model)
+    model(torch.ones(4, 2)).sum().backward()
+    optimizer.step()
+    by_name = optimizer_state_by_name(optimizer.state_dict(), optimizer, model)
+    params = dict(model.named_parameters())
+    assert [g["params"] for g in by_name["param_groups"]] == [["0.weight", "1.weight"], ["0.bias", "1.bias"]]
+    for name, state in by_name["state"].items():
+        assert torch.equal(state["exp_avg"], optimizer.state[params[name]]["exp_avg"])
+    other = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match=r"param groups of sizes \[2, 2\], this one \[4\]"):
+        optimizer_state_by_name(optimizer.state_dict(), other, model)
