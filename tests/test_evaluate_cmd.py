@@ -19,41 +19,18 @@ def write_jsonl(path, rows):
     return path
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 3-step tiny checkpoint, the folder it was trained in, and Lightning's test metrics on test.jsonl."""
-    workdir = tmp_path_factory.mktemp("run")
-    files = {
-        s: write_jsonl(workdir / f"{s}.jsonl", demo_rows(n, seed=i))
-        for i, (s, n) in enumerate([("train", 96), ("val", 32), ("test", 40)])
-    }
+def fit_and_test(workdir, files, *args):
+    """Fit 3 steps in ``workdir``, save ``x.safetensors``; return it, the test metrics and the tokenizer."""
     cwd = os.getcwd()
     os.chdir(workdir)
     try:
         cli = build_cli(
             [
-                "--trainer.max_steps",
-                "3",
-                "--trainer.enable_progress_bar",
-                "false",
-                "--trainer.enable_checkpointing",
-                "false",
-                "--trainer.logger",
-                "false",
-                "--model.arch",
-                TINY,
-                "--data.batch_size",
-                "4",
-                "--data.eval_batch_size",
-                "7",
-                "--data.tokenizer_vocab_size",
-                "200",
-                "--data.train_path",
-                str(files["train"]),
-                "--data.val_path",
-                str(files["val"]),
-                "--data.test_path",
-                str(files["test"]),
+                *("--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false"),
+                *("--trainer.enable_checkpointing", "false", "--trainer.logger", "false"),
+                *("--data.batch_size", "4", "--data.eval_batch_size", "7"),
+                *("--data.train_path", str(files["train"]), "--data.val_path", str(files["val"])),
+                *("--data.test_path", str(files["test"]), *args),
             ],
             run=False,
         )
@@ -72,15 +49,29 @@ def trained(tmp_path_factory):
     }
 
 
-def test_checkpoint_report_equals_lightning_test_metrics(trained, tmp_path, monkeypatch):
-    monkeypatch.chdir(trained["dir"])
-    out = tmp_path / "report"
+def demo_files(folder):
+    return {
+        s: write_jsonl(folder / f"{s}.jsonl", demo_rows(n, seed=i))
+        for i, (s, n) in enumerate([("train", 96), ("val", 32), ("test", 40)])
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 3-step tiny checkpoint, the folder it was trained in, and Lightning's test metrics on test.jsonl."""
+    workdir = tmp_path_factory.mktemp("run")
+    return fit_and_test(
+        workdir, demo_files(workdir), "--model.arch", TINY, "--data.tokenizer_vocab_size", "200"
+    )
+
+
+def report_matches_test_metrics(run, out):
     code = main(
         [
             "--data",
-            str(trained["files"]["test"]),
+            str(run["files"]["test"]),
             "--checkpoint",
-            str(trained["checkpoint"]),
+            str(run["checkpoint"]),
             "--out",
             str(out),
             "--bootstrap",
@@ -90,8 +81,23 @@ def test_checkpoint_report_equals_lightning_test_metrics(trained, tmp_path, monk
     assert code == 0
     overall = json.loads((out / "metrics.json").read_text())["overall"]["detector"]
     for name in ("auroc", "f1", "acc", "tpr_at_1fpr"):
-        assert overall[name] == pytest.approx(trained["test_metrics"][f"test_{name}"], abs=1e-6), name
+        assert overall[name] == pytest.approx(run["test_metrics"][f"test_{name}"], abs=1e-6), name
     assert overall["n"] == 40
+
+
+def test_checkpoint_report_equals_lightning_test_metrics(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(trained["dir"])
+    report_matches_test_metrics(trained, tmp_path / "report")
+
+
+@pytest.mark.slow
+def test_checkpoint_of_a_pretrained_backbone_folder_uses_its_tokenizer(saved_bundle, tmp_path, monkeypatch):
+    # A local Hugging Face folder stands in for a hub id such as microsoft/deberta-v3-base (GPU config).
+    run = fit_and_test(tmp_path, demo_files(tmp_path), "--model.pretrained", str(saved_bundle))
+    monkeypatch.chdir(tmp_path)
+    assert tokenizer_for_checkpoint(run["checkpoint"]).get_vocab() == run["tokenizer"].get_vocab()
+    assert not (tmp_path / "outputs" / "tokenizer").exists()  # no tokenizer was trained
+    report_matches_test_metrics(run, tmp_path / "report")
 
 
 def test_tokenizer_for_checkpoint_is_the_training_tokenizer(trained, monkeypatch):
