@@ -27,7 +27,7 @@ def fit_and_test(workdir, files, *args):
         cli = build_cli(
             [
                 *("--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false"),
-                *("--trainer.enable_checkpointing", "false", "--trainer.logger", "false"),
+                *("--trainer.logger", "false"),
                 *("--data.batch_size", "4", "--data.eval_batch_size", "7"),
                 *("--data.train_path", str(files["train"]), "--data.val_path", str(files["val"])),
                 *("--data.test_path", str(files["test"]), *args),
