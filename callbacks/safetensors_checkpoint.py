@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self._changed = False  # the tracker changed since the last write
         self._resume_deletions: list[str] = []
         self._sigint = GracefulSigint()
+        self._save_seconds, self._saves = 0.0, 0  # this process: time the loop was blocked by saves
 
     @property
     @override
@@ -94,6 +96,11 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def best_model_path(self) -> str:
         """The best checkpoint's path (what ``trainer.test(ckpt_path="best")`` loads), or ``""``."""
         return "" if self._tracker.best is None else str(self.dirpath / best_name(self.monitor))
+
+    @property
+    def save_time(self) -> tuple[float, int]:
+        """Seconds the training loop was blocked by saves in this process, and how many saves."""
+        return self._save_seconds, self._saves
 
     @property
     def tracker(self) -> CheckpointTracker:
@@ -259,7 +266,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         if step == self._saved_step:  # a newer state of the same step: move its older names onto it
             names += [n for n in self._names_at_step if n not in names]
         names = [n for n in names if n not in self._tracker.deletions]
+        start = time.perf_counter()
         self._write(trainer, names, list(self._tracker.deletions), sync)
+        self._save_seconds, self._saves = self._save_seconds + time.perf_counter() - start, self._saves + 1
         self._tracker.clear_deletions()
         self._saved_step, self._names_at_step, self._due, self._changed = step, names, [], False
 

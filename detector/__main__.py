@@ -12,6 +12,7 @@ TOOLS = {
     "checkpoints": "detector.checkpoint_tool",
     "export": "detector.export_cmd",
     "score": "detector.score",
+    "evaluate": "detector.evaluate_cmd",
 }
 
 

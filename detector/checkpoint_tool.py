@@ -169,7 +169,24 @@ def _metric_entries(state: Mapping[Any, Any]) -> dict[str, Any]:
             is_number = isinstance(value, float | int | TensorInfo) and not isinstance(value, bool)
             if "score" in str(key) and is_number:
                 found[f"{key}({label})"] = value
+    found.update(_validation_metrics(state))
     return found
+
+
+def _validation_metrics(state: Mapping[Any, Any]) -> dict[str, Any]:
+    """The metrics of the validation run at the file's step, from a checkpoint tracker's history.
+
+    Lightning's ``*_step``/``*_epoch`` duplicates of a metric logged both ways are left out.
+    """
+    callbacks = state.get("callbacks")
+    for callback_state in callbacks.values() if isinstance(callbacks, Mapping) else ():
+        tracker = callback_state.get("tracker") if isinstance(callback_state, Mapping) else None
+        history = tracker.get("history") if isinstance(tracker, Mapping) else None
+        for entry in reversed(history) if isinstance(history, list) else ():
+            metrics = entry.get("metrics") if isinstance(entry, Mapping) else None
+            if entry.get("step") == state.get("global_step") and isinstance(metrics, Mapping):
+                return {k: v for k, v in metrics.items() if not str(k).endswith(("_step", "_epoch"))}
+    return {}
 
 
 def _read_scalars(path: Path, header: Mapping[str, Any], entries: dict[str, Any]) -> dict[str, float]:

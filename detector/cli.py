@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.prediction_writer import PredictionWriter
+from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
@@ -30,16 +31,18 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 class DetectorCLI(LightningCLI):
     """LightningCLI for ``DetectorModule`` and ``DetectorDataModule``, seeded by default.
 
-    Every run has a ``SafetensorsTopKCheckpoint`` (``--checkpoint.*``) and a ``PredictionWriter``
-    (``--prediction_writer.*``, used by ``predict``). The tokenizer's vocabulary size flows from the
+    Every run has a ``SafetensorsTopKCheckpoint`` (``--checkpoint.*``), a ``PredictionWriter``
+    (``--prediction_writer.*``, used by ``predict``) and a ``RunSummary`` (``--summary.*``, at the
+    end of ``fit``). The tokenizer's vocabulary size flows from the
     data module to the model, and the model's ``pretrained`` backbone tells the data module which
     tokenizer to load.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Always present, configured as --checkpoint.* and --prediction_writer.*.
+        # Always present, configured as --checkpoint.*, --prediction_writer.* and --summary.*.
         parser.add_lightning_class_args(SafetensorsTopKCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments(
             "data", "model.vocab_size", compute_fn=lambda data: data.vocab_size, apply_on="instantiate"

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """Export ``checkpoint`` to a bundle; print its path."""
     args = _parser().parse_args(argv)
     checkpoint = load_state(args.checkpoint)
+    # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = DetectorModule(**hparams).model
     tokenizer = checkpoint_tokenizer(checkpoint)

@@ -163,3 +163,19 @@ def test_convert_refuses_a_pickle_with_code_in_it(tmp_path: Path, capsys: pytest
 def test_list_of_a_missing_folder_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list", str(tmp_path / "absent")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'absent'} is not a folder\n"
+
+
+def test_list_reads_the_metrics_of_the_file_step_from_the_tracker_history(tmp_path: Path) -> None:
+    history = [
+        {"epoch": 0, "step": 6, "metrics": {"val_f1": 0.5, "train_loss_step": 0.9}},
+        {"epoch": 1, "step": 12, "metrics": {"val_f1": 0.75, "val_loss": 0.25, "train_loss_epoch": 0.3}},
+    ]
+    tracker = {"tracker": {"mode": "max", "history": history}}
+    for step in (12, 16):
+        state = {"epoch": 1, "global_step": step, "callbacks": {"SafetensorsTopKCheckpoint": tracker}}
+        save_state(state, tmp_path / f"checkpoint_step_{step}.safetensors")
+    rows = {row["file"]: row["metrics"] for row in list_checkpoints(tmp_path)}
+    assert rows == {
+        "checkpoint_step_12.safetensors": {"val_f1": 0.75, "val_loss": 0.25},
+        "checkpoint_step_16.safetensors": {},
+    }

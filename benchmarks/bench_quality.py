@@ -1,0 +1,139 @@
+"""Detection quality: the CPU recipe vs the TF-IDF baseline, in-domain and on a held-out domain.
+
+Two settings, each trained from scratch on the CPU and evaluated on data it never trained on:
+
+- ``in_domain``: train on ``fdgpt_family/train.jsonl``, evaluate on ``val.jsonl``;
+- ``heldout_pubmed``: train on ``train.jsonl`` without ``pubmed`` (validation: ``val.jsonl`` without
+  ``pubmed``), evaluate on every ``pubmed`` text of ``train.jsonl`` and ``val.jsonl`` (134 human, 793
+  machine: ``val.jsonl`` alone has only 10 pubmed humans, too few for TPR at 1% FPR).
+
+The split files are written under ``--out`` at run time (never into the repository). The recipe
+model is the final one (no checkpoint selection on the evaluation data). Each setting gets a full
+report folder (``detector.report.write_report``) and the script prints one table::
+
+    python benchmarks/bench_quality.py --out /tmp/bench_quality            # about 1 h on 2 CPU cores
+    python benchmarks/bench_quality.py --settings in_domain --max-steps 50  # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from detector.baseline import train_baseline  # noqa: E402
+from detector.cli import build_cli  # noqa: E402
+from detector.evaluate_cmd import score_checkpoint  # noqa: E402
+from detector.records import read_records  # noqa: E402
+from detector.report import write_report  # noqa: E402
+
+DATA = (REPO / "../shared/data/fdgpt_family").resolve()
+RECIPE = REPO / "configs/cpu_recipe.yaml"
+HELDOUT = "pubmed"
+COLUMNS = ("auroc", "f1", "tpr_at_1fpr", "ece")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def settings(out: Path) -> dict[str, dict[str, Path]]:
+    """``{setting: {"train", "val", "eval"}}`` paths; the held-out split files are written to ``out``."""
+    train, val = read_rows(DATA / "train.jsonl"), read_rows(DATA / "val.jsonl")
+    splits = out / "splits"
+    return {
+        "in_domain": {"train": DATA / "train.jsonl", "val": DATA / "val.jsonl", "eval": DATA / "val.jsonl"},
+        f"heldout_{HELDOUT}": {
+            "train": write_rows(
+                splits / "train_no_pubmed.jsonl", [r for r in train if r["source"] != HELDOUT]
+            ),
+            "val": write_rows(splits / "val_no_pubmed.jsonl", [r for r in val if r["source"] != HELDOUT]),
+            "eval": write_rows(
+                splits / "pubmed_all.jsonl", [r for r in train + val if r["source"] == HELDOUT]
+            ),
+        },
+    }
+
+
+def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tuple[Path, float]:
+    """Fit the CPU recipe in ``workdir``; return the final checkpoint and the training wall time."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
+    args = ["--config", str(RECIPE), "--data.train_path", str(paths["train"]), "--data.val_path",
+            str(paths["val"]), "--trainer.enable_progress_bar", "false", *extra]  # fmt: skip
+    start = time.perf_counter()
+    cli = build_cli(args, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    seconds = time.perf_counter() - start
+    checkpoint = workdir / "final.safetensors"
+    cli.trainer.save_checkpoint(checkpoint)
+    return checkpoint, seconds
+
+
+def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    extra = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
+    checkpoint, train_seconds = train_recipe(paths, out / name, extra)
+    records = read_records(paths["eval"])
+    start = time.perf_counter()
+    baseline = train_baseline(paths["train"])
+    baseline_seconds = time.perf_counter() - start
+    systems = {
+        "cpu_recipe": score_checkpoint(checkpoint, records.text),
+        "tfidf_baseline": baseline.predict_proba(records.text),
+    }
+    labels = [int(label) for label in records.label if label is not None]
+    report = write_report(systems, labels, records.extra, out / name / "report",
+                          bootstrap=args.bootstrap, seed=0, data=str(paths["eval"]))  # fmt: skip
+    seconds = {"cpu_recipe": train_seconds, "tfidf_baseline": baseline_seconds}
+    return {"overall": report["overall"], "train_seconds": seconds}
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    header = "| setting | system | train min | " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|---" * (3 + len(COLUMNS)) + "|"]
+    for setting, result in results.items():
+        for system, entry in result["overall"].items():
+            cells = []
+            for metric in COLUMNS:
+                ci = (entry.get("ci") or {}).get(metric)
+                cells.append(f"{entry[metric]:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+            minutes = result["train_seconds"][system] / 60
+            lines.append(f"| {setting} | {system} | {minutes:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench_quality"))
+    parser.add_argument("--settings", nargs="+", default=None, help="in_domain and/or heldout_pubmed")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=0, help="cap the recipe's steps (smoke runs)")
+    args = parser.parse_args()
+    out = args.out.resolve()
+    chosen = settings(out)
+    results = {}
+    for name, paths in chosen.items():
+        if args.settings is None or name in args.settings:
+            results[name] = run_setting(name, paths, out, args)
+            print(f"\n{name}: {json.dumps(results[name]['train_seconds'])}", flush=True)
+            print(table({name: results[name]}), flush=True)
+    print("\n" + table(results))
+    (out / "table.md").write_text(table(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""RunSummary: at the end of fit, a table in the log and ``summary.json`` with what the run produced."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from rich.console import Console
+from typing_extensions import override
+
+from callbacks.inference_export import InferenceExportCallback
+from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+from detector.export import bundle_name
+from detector.summary import build_summary, checkpoint_section, summary_table, unique, write_summary
+
+
+class RunSummary(Callback):
+    """Summarise a finished ``fit``: best metric and its checkpoint, the top K with scores, the bundles
+    written, steps, epochs, wall time, time the loop spent saving, and disk used by checkpoints (hard
+    links counted once). Printed as a Rich table and written atomically to ``path``, on global rank
+    zero, after every other callback's ``on_fit_end`` (so the final bundle is in it).
+
+    Reads the :class:`~callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint` and
+    :class:`~callbacks.inference_export.InferenceExportCallback` in ``trainer.callbacks`` (either may
+    be absent). Times are those of this process: a resumed run reports its own part.
+
+    Example::
+
+        summary:
+          path: outputs/summary.json
+          print_table: true
+    """
+
+    def __init__(self, path: str = "outputs/summary.json", print_table: bool = True) -> None:
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path must be a file path, got {path!r}")
+        self.path, self.print_table = Path(path), print_table
+        self._start: float | None = None
+        self.summary: dict[str, Any] | None = None
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # teardown follows every callback's on_fit_end; it is skipped when fit raised.
+        if stage != TrainerFn.FITTING or self._start is None or getattr(trainer, "fast_dev_run", False):
+            return
+        self.summary = self._build(trainer, time.perf_counter() - self._start)
+        self._start = None
+        if not trainer.is_global_zero:
+            return
+        write_summary(self.summary, self.path)
+        if self.print_table:
+            Console().print(summary_table(self.summary))
+        rank_zero_info(f"Run summary written to {self.path}")
+
+    @staticmethod
+    def _build(trainer: pl.Trainer, wall_time_s: float) -> dict[str, Any]:
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, SafetensorsTopKCheckpoint)), None)
+        export = next((cb for cb in callbacks if isinstance(cb, InferenceExportCallback)), None)
+        section = save_time_s = saves = None
+        if checkpoint is not None:
+            section = checkpoint_section(
+                checkpoint.tracker, checkpoint.dirpath, checkpoint.monitor, checkpoint.best_model_path
+            )
+            save_time_s, saves = checkpoint.save_time
+        bundles: list[str] = []
+        if export is not None:
+            names = [*export.written, bundle_name(export.version)]
+            bundles = unique(str(export.dirpath / name) for name in names)
+        return build_summary(
+            global_step=trainer.global_step,
+            epochs=trainer.current_epoch,
+            wall_time_s=wall_time_s,
+            save_time_s=save_time_s,
+            saves=saves,
+            checkpoints=section,
+            bundles=bundles,
+        )

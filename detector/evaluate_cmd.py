@@ -1,0 +1,178 @@
+"""``detector evaluate``: score a labelled data file with a checkpoint, a bundle and/or the TF-IDF baseline.
+
+Writes a report folder (see :func:`detector.report.write_report`) with every system side by side::
+
+    python -m detector evaluate --data val.jsonl \
+        --checkpoint outputs/checkpoints/checkpoint_best_val_f1.safetensors \
+        --baseline-train train.jsonl --out outputs/reports/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from detector.backbone import has_own_tokenizer
+from detector.baseline import train_baseline
+from detector.data import DetectorDataModule, EncodedDataset, pad_batch
+from detector.records import Records, read_records
+from detector.report import write_report
+from detector.state_format import read_header
+
+DETECTOR, BASELINE = "detector", "tfidf_baseline"
+
+
+def checkpoint_hparams(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model hyperparameters, datamodule hyperparameters)`` from a checkpoint's header (no tensor read)."""
+    state = read_header(checkpoint)["state"]
+    return dict(state.get("hyper_parameters") or {}), dict(state.get("datamodule_hyper_parameters") or {})
+
+
+def tokenizer_for_checkpoint(checkpoint: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer the checkpoint's model was trained with; the one place that knows where it lives.
+
+    A pretrained backbone's tokenizer comes from its hub id or folder. A config-built backbone's was
+    trained on the training file and saved under ``tokenizer_root/<sha256(train file)[:16]>-v<vocab>/``
+    (:attr:`detector.data.DetectorDataModule.tokenizer`); relative paths are resolved from the working
+    directory, as in training. It is never retrained here: a missing folder is an error.
+    """
+    _, data_hparams = checkpoint_hparams(checkpoint)
+    if not data_hparams:
+        raise ValueError(f"{checkpoint} holds no datamodule_hyper_parameters: cannot tell its tokenizer")
+    if has_own_tokenizer(data_hparams.get("pretrained")):
+        return AutoTokenizer.from_pretrained(data_hparams["pretrained"])
+    # LightningCLI adds private entries (``_instantiator``) to the saved hyperparameters.
+    accepted = inspect.signature(DetectorDataModule.__init__).parameters
+    datamodule = DetectorDataModule(**{k: v for k, v in data_hparams.items() if k in accepted})
+    h: Any = datamodule.hparams
+    try:
+        fingerprint = datamodule.data_fingerprint()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"training file of {checkpoint} not found (it names the tokenizer): {err}"
+        ) from err
+    folder = Path(h.tokenizer_root) / f"{fingerprint[:16]}-v{h.tokenizer_vocab_size}"
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"tokenizer folder {folder} of {checkpoint} not found; run from the training's working directory"
+        )
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def score_checkpoint(
+    checkpoint: str | Path, texts: Sequence[str], batch_size: int | None = None, device: str = "cpu"
+) -> np.ndarray:
+    """P(machine) per text from a checkpoint, batched in file order as Lightning's ``test`` does.
+
+    Tokenization (``max_length``) and the default batch size are the checkpoint's data settings, so
+    the scores equal those ``python -m detector test`` computes on the same file.
+    """
+    from detector.module import DetectorModule
+
+    _, data_hparams = checkpoint_hparams(checkpoint)
+    tokenizer = tokenizer_for_checkpoint(checkpoint)
+    max_length = int(data_hparams.get("max_length", 256))
+    batch_size = (
+        batch_size or data_hparams.get("eval_batch_size") or 2 * int(data_hparams.get("batch_size", 16))
+    )
+    module = DetectorModule.load_from_checkpoint(checkpoint, map_location="cpu").to(device).eval()
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    dataset = EncodedDataset(encoded, [None] * len(encoded))
+    scores = []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = pad_batch(items, tokenizer.pad_token_id or 0)
+            logits = module(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            scores.append(logits.float().softmax(-1)[:, 1].cpu())
+    return torch.cat(scores).double().numpy()
+
+
+def score_bundle(
+    bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu"
+) -> np.ndarray:
+    """P(machine) per text from an inference bundle (:func:`detector.inference.load_detector`)."""
+    from detector.inference import load_detector
+
+    results = load_detector(bundle, device=device).score(texts, batch_size=batch_size)
+    return np.array([row["prob_machine"] for row in results], dtype=np.float64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m detector evaluate``."""
+    parser = argparse.ArgumentParser(
+        prog="detector evaluate",
+        description="Evaluate on a labelled JSONL/CSV/Parquet file: metrics.json, summary.md, plots.",
+    )
+    parser.add_argument(
+        "--data", required=True, help="labelled file to evaluate on (text, label[, source, generator])"
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="a training checkpoint (.safetensors) to score with")
+    model.add_argument("--bundle", help="an inference bundle folder to score with")
+    parser.add_argument("--baseline-train", help="train the TF-IDF baseline on this file and report it too")
+    parser.add_argument("--out", required=True, help="report folder to write")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    parser.add_argument("--batch-size", type=int, default=None, help="scoring batch size")
+    parser.add_argument("--device", default="cpu", help="PyTorch device for the checkpoint or bundle")
+    return parser
+
+
+def score_systems(args: argparse.Namespace, records: Records) -> dict[str, np.ndarray]:
+    """P(machine) per row for each system the arguments name, detector first."""
+    systems: dict[str, np.ndarray] = {}
+    if args.checkpoint:
+        systems[DETECTOR] = score_checkpoint(args.checkpoint, records.text, args.batch_size, args.device)
+    if args.bundle:
+        systems[DETECTOR] = score_bundle(args.bundle, records.text, args.batch_size or 32, args.device)
+    if args.baseline_train:
+        systems[BASELINE] = train_baseline(args.baseline_train).predict_proba(records.text)
+    return systems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``detector evaluate``; 0 on success, 2 on bad input (the message goes to stderr)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.checkpoint or args.bundle or args.baseline_train):
+        parser.error("give --checkpoint or --bundle, and/or --baseline-train")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    try:
+        records = read_records(args.data)
+        systems = score_systems(args, records)
+        report = write_report(
+            systems,
+            [int(label) for label in records.label if label is not None],  # all labelled (read_records)
+            records.extra,
+            args.out,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            data=str(args.data),
+        )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"detector evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(_overview(report["overall"], args.out))
+    return 0
+
+
+def _overview(overall: Mapping[str, Mapping[str, Any]], out: str) -> str:
+    lines = [f"report written to {out}"]
+    for name, entry in overall.items():
+        values = ", ".join(
+            f"{m} {entry[m]:.4f}" for m in ("auroc", "f1", "tpr_at_1fpr", "ece") if entry[m] is not None
+        )
+        lines.append(f"{name}: {values}")
+    return "\n".join(lines)

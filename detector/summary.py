@@ -1,0 +1,160 @@
+"""The end-of-fit run summary, without a Trainer: disk use, the summary dict, its JSON file and table."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from detector.atomic import TEMP_MARKER, commit_file, temp_path_for
+from detector.topk import CheckpointTracker
+
+SUMMARY_NAME = "summary.json"
+
+
+def disk_usage(folder: str | Path) -> int:
+    """Bytes held by the regular files under ``folder``, each inode counted once (hard links share one).
+
+    Temporary files of an unfinished write (:data:`detector.atomic.TEMP_MARKER`) are left out;
+    a missing folder holds 0 bytes.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob("*"):
+        if TEMP_MARKER in path.name or path.is_symlink() or not path.is_file():
+            continue
+        stat = path.stat()
+        seen[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(seen.values())
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` as a float, or None when it is missing, NaN or infinite (JSON has no NaN)."""
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def checkpoint_section(
+    tracker: CheckpointTracker, dirpath: str | Path, monitor: str, best_path: str
+) -> dict[str, Any]:
+    """What a checkpoint callback kept: best (score, epoch, step, path), top-K, periodic files, disk use."""
+    dirpath = Path(dirpath)
+    best = None
+    if tracker.best is not None:
+        best = {**tracker.best, "score": finite_or_none(tracker.best["score"]), "path": best_path}
+    return {
+        "dirpath": str(dirpath),
+        "monitor": monitor,
+        "mode": tracker.top_k.mode,
+        "best": best,
+        "top_k": [
+            {"path": str(dirpath / r.name), "score": finite_or_none(r.score)} for r in tracker.top_k.kept
+        ],
+        "epoch_files": [str(dirpath / name) for name in tracker.epochs.kept],
+        "step_files": [str(dirpath / name) for name in tracker.steps.kept],
+        "disk_bytes": disk_usage(dirpath),
+    }
+
+
+def build_summary(
+    *,
+    global_step: int,
+    epochs: int,
+    wall_time_s: float,
+    save_time_s: float | None,
+    saves: int | None,
+    checkpoints: Mapping[str, Any] | None,
+    bundles: Sequence[str],
+) -> dict[str, Any]:
+    """The summary as plain JSON-able values.
+
+    Args:
+        global_step: optimizer steps taken (``trainer.global_step``).
+        epochs: completed epochs (``trainer.current_epoch`` after fit).
+        wall_time_s: seconds from the start of ``fit`` to its end, in this process.
+        save_time_s: seconds the training loop was blocked by checkpoint saves, in this process.
+        saves: checkpoint writes in this process.
+        checkpoints: :func:`checkpoint_section`'s output, or None without a checkpoint callback.
+        bundles: paths of the inference bundles the run wrote and keeps.
+    """
+    return {
+        "global_step": int(global_step),
+        "epochs": int(epochs),
+        "wall_time_s": round(float(wall_time_s), 3),
+        "save_time_s": None if save_time_s is None else round(float(save_time_s), 3),
+        "saves": saves,
+        "checkpoints": None if checkpoints is None else dict(checkpoints),
+        "bundles": list(bundles),
+    }
+
+
+def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``summary`` as JSON to ``path`` atomically (temp file, fsync, rename); return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        commit_file(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000  # type: ignore[assignment]
+    return f"{nbytes} B"
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The summary as (label, value) rows, the order the table shows them."""
+    rows = [
+        ("steps", str(summary["global_step"])),
+        ("epochs", str(summary["epochs"])),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+    ]
+    if summary["save_time_s"] is not None:
+        rows.append(("time saving", f"{summary['save_time_s']:.1f} s in {summary['saves']} saves"))
+    section = summary["checkpoints"]
+    if section is not None:
+        best = section["best"]
+        name = f"best {section['monitor']}"
+        rows.append((name, "none" if best is None else f"{_score(best['score'])} at step {best['step']}"))
+        if best is not None:
+            rows.append(("best checkpoint", best["path"]))
+        rows += [
+            (f"top-{i + 1}", f"{_score(r['score'])}  {r['path']}") for i, r in enumerate(section["top_k"])
+        ]
+        rows.append(("checkpoint disk", _size(section["disk_bytes"])))
+    rows += [("bundle", path) for path in summary["bundles"]]
+    return rows
+
+
+def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Table:
+    """A two-column Rich table of :func:`summary_rows`."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for label, value in summary_rows(summary):
+        table.add_row(label, value)
+    return table
+
+
+def unique(paths: Iterable[str]) -> list[str]:
+    """``paths`` without repeats, first occurrence kept."""
+    return list(dict.fromkeys(paths))
