@@ -58,7 +58,7 @@ def _expected_checkpoints(cwd: Path) -> set[str]:
 def test_ddp_fit_writes_one_set_of_checkpoints_logs_and_bundles(ddp_run) -> None:
     cwd, output = ddp_run
     outputs = cwd / "outputs"
-    assert _names(outputs) == {"checkpoints", "logs", "models"}
+    assert _names(outputs) == {"checkpoints", "logs", "models", "summary.json"}
     assert _names(outputs / "checkpoints") == _expected_checkpoints(cwd)
     assert _names(outputs / "logs") == {"version_0"}
     assert _names(outputs / "logs/version_0") == {"config.yaml", "hparams.yaml", "metrics.csv"}
