@@ -6,6 +6,7 @@ report file is never half written. Plots use Matplotlib's Agg backend (no displa
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -88,7 +89,9 @@ def render_summary(result: Mapping[str, Any], settings: Mapping[str, Any]) -> st
         f"Data: `{settings.get('data') or 'in memory'}`: {first['n']} texts "
         f"({first['n_human']} human, {first['n_machine']} machine).",
         f"Intervals: {settings['confidence']:.0%} percentile bootstrap, {settings['bootstrap']} resamples "
-        f"stratified by label, seed {settings['seed']}" + (" (none)." if not settings["bootstrap"] else "."),
+        f"stratified by label, seed {settings['seed']}."
+        if settings["bootstrap"]
+        else "No bootstrap intervals (0 resamples).",
         "",
         "## Overall",
         "",
@@ -108,8 +111,6 @@ def render_summary(result: Mapping[str, Any], settings: Mapping[str, Any]) -> st
 
 
 def _png(figure: Any) -> bytes:
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()

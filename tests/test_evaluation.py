@@ -179,6 +179,7 @@ def test_write_report_takes_a_single_score_array_and_rejects_bad_scores(tmp_path
     scores, labels, _ = random_case(40)
     content = write_report(scores, labels, None, tmp_path, bootstrap=0)
     assert set(content["overall"]) == {"model"} and "by_source" not in content
+    assert "No bootstrap intervals" in (tmp_path / "summary.md").read_text()
     with pytest.raises(ValueError, match="probabilities"):
         write_report(scores + 1, labels, None, tmp_path, bootstrap=0)
     with pytest.raises(ValueError, match="differ in length"):
