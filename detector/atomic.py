@@ -34,7 +34,8 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +55,7 @@ def commit_file(tmp: Path, final: Path) -> None:
     tmp, final = Path(tmp), Path(final)
     if tmp.parent.resolve() != final.parent.resolve():
         raise ValueError(f"temp file {tmp} must be in the folder of {final} for an atomic rename")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(final.parent)
 

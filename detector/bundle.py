@@ -31,14 +31,13 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file
 from detector.backbone import ID2LABEL, LABEL2ID
 from detector.model_card import render_card
 from detector.onnx_export import export_and_check
 from detector.provenance import git_state, package_versions, utc_now
 from detector.thresholds import DEFAULT_THRESHOLD
 
-# TODO(lead): import TEMP_MARKER and the fsync helpers from detector.atomic once it lands.
-TEMP_MARKER = ".tmp-"
 METADATA_FILE = "training_metadata.json"
 CARD_FILE = "README.md"
 BUNDLE_FORMAT = 1
@@ -63,27 +62,11 @@ class BundleExistsError(FileExistsError):
     """A bundle of that name already exists; bundles are never overwritten."""
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(folder: Path) -> None:
     for dirpath, _, filenames in os.walk(folder):
         for filename in filenames:
-            _fsync_file(Path(dirpath, filename))
-        _fsync_dir(Path(dirpath))
+            fsync_file(Path(dirpath, filename))
+        fsync_dir(Path(dirpath))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -196,7 +179,7 @@ def _commit(tmp: Path, final: Path) -> None:
         if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
             raise BundleExistsError(f"bundle {final} already exists; bundles are never overwritten") from err
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def write_bundle(
