@@ -120,14 +120,6 @@ def _drop_cache(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -155,6 +147,7 @@ def _worker(size: str, folder: Path) -> None:
     """One repeat: build the state, run every measurement, print one JSON line per measurement."""
     import torch
 
+    from detector.atomic import fsync_file
     from detector.state_format import load_state, save_state, snapshot_state, verify_state
 
     state = build_state(size)
@@ -166,7 +159,7 @@ def _worker(size: str, folder: Path) -> None:
 
     def torch_save() -> None:
         torch.save(state, theirs)
-        _fsync(theirs)  # ours fsyncs; compare like with like
+        fsync_file(theirs)  # ours fsyncs; compare like with like
 
     def load_touched(loader: Callable[[], Any]) -> Callable[[], Any]:
         return lambda: _touch(loader())
