@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from detector.atomic import atomic_link, clean_stale_temps, fsync_dir
+from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
 from detector.background import BackgroundWriteError, SerialJobs
 from detector.checkpoint_io import SafetensorsCheckpointIO
 from detector.interrupt import GracefulSigint
@@ -32,8 +32,12 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     (the ``save_top_k`` best), ``checkpoint_epoch_N`` (every ``every_n_epochs``, last
     ``keep_last_epochs`` kept) and ``checkpoint_step_N`` (every ``every_n_train_steps`` optimizer steps,
     last ``keep_last_steps`` kept). A state is written once; its other names are hard links. A new
-    file is committed before any old one is deleted. Each checkpoint also holds every rank's RNG
-    states (``rng_states``, indexed by global rank), restored on resume.
+    file is committed before any old one is deleted. Under a strategy that saves sharded checkpoints
+    (:class:`~detector.model_parallel.SafetensorsModelParallelStrategy` with
+    ``save_distributed_checkpoint=True``) each name is a folder (:mod:`detector.sharded_state`) that
+    every rank writes into, its other names folders of hard links, replaced and deleted atomically.
+    Each checkpoint also holds every rank's RNG states (``rng_states``, indexed by global rank),
+    restored on resume.
 
     When: after a mid-epoch validation (top-K, best, latest); after an optimizer step (step files);
     at train epoch end (epoch files, and whatever the epoch's last batch or closing validation made
@@ -117,6 +121,11 @@ class SafetensorsTopKCheckpoint(Checkpoint):
                 f"{type(self).__name__} writes safetensors checkpoints; give the Trainer "
                 f"plugins=[SafetensorsCheckpointIO()] (it has {type(checkpoint_io).__name__})"
             )
+        if self.async_save and getattr(trainer.strategy, "saves_sharded", False):
+            raise ValueError(
+                "async_save is not supported with sharded checkpoints (save_distributed_checkpoint=True): "
+                "every rank writes its shard in the save; set async_save=false or save full-state files"
+            )
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             for path in clean_stale_temps(self.dirpath):
@@ -127,7 +136,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         apply_pending_loader_states(trainer)
         if trainer.is_global_zero and self._resume_deletions:
             for name in self._resume_deletions:
-                (self.dirpath / name).unlink(missing_ok=True)
+                remove_path(self.dirpath / name)
             fsync_dir(self.dirpath)
         self._resume_deletions = []
         if self.save_on_interrupt:
@@ -295,9 +304,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def _link_and_rotate(self, target: Path, links: list[str], deletions: list[str]) -> None:
         """After ``target`` is committed: point the other names at it, then delete evicted files."""
         for name in links:
-            atomic_link(target, self.dirpath / name)
+            (link_tree if target.is_dir() else atomic_link)(target, self.dirpath / name)
         for name in deletions:
-            (self.dirpath / name).unlink(missing_ok=True)
+            remove_path(self.dirpath / name)
         if deletions:
             fsync_dir(self.dirpath)
 

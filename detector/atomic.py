@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import secrets
@@ -80,6 +81,92 @@ def atomic_link(src: Path, final: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Atomically put the finished folder ``tmp`` at ``final`` (same parent), replacing any folder there.
+
+    ``tmp``'s entries and the parent are fsynced. An existing ``final`` is swapped out in one step
+    (Linux ``renameat2(RENAME_EXCHANGE)``): readers see the old folder or the new one, never neither
+    and never a mix; the old one is then deleted. Where the exchange is unsupported, the old folder is
+    renamed to a hidden temp name first, which leaves a moment with no ``final``.
+
+    Raises:
+        ValueError: if ``tmp`` and ``final`` are in different folders (the rename would not be atomic).
+    """
+    tmp, final = Path(tmp), Path(final)
+    if tmp.parent.resolve() != final.parent.resolve():
+        raise ValueError(f"temp folder {tmp} must be in the folder of {final} for an atomic rename")
+    fsync_dir(tmp)
+    if not final.exists():
+        os.rename(tmp, final)
+    elif _exchange(tmp, final):
+        fsync_dir(final.parent)
+        shutil.rmtree(tmp)
+    else:
+        old = temp_path_for(final)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        shutil.rmtree(old)
+    fsync_dir(final.parent)
+
+
+def link_tree(src: Path, final: Path) -> None:
+    """Atomically make folder ``final`` hold the same files as folder ``src``, as hard links (copies where
+    links are refused), then :func:`replace_dir` it into place. Files must not change once committed."""
+    src, final = Path(src), Path(final)
+    tmp = temp_path_for(final)
+    try:
+        for path in sorted(src.rglob("*")):
+            target = tmp / path.relative_to(src)
+            if path.is_dir():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except OSError as err:
+                if err.errno not in _NO_LINK_ERRNOS:
+                    raise
+                shutil.copyfile(path, target)
+        for folder in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
+            fsync_dir(folder)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a whole folder; a folder is first renamed to a hidden temp name (one atomic step,
+    so a crash never leaves a half-deleted folder under its real name). A missing path is fine."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        doomed = temp_path_for(path)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
+        shutil.rmtree(doomed)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    rename_exchange, at_fdcwd = 2, -100
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:

@@ -26,14 +26,19 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from typing_extensions import override
 
-from detector.atomic import fsync_dir
-from detector.state_format import CheckpointFormatError, load_state, save_state
+from detector.atomic import fsync_dir, remove_path
+from detector.checkpoint_files import load_checkpoint_state
+from detector.state_format import CheckpointFormatError, save_state
 
 _Module = TypeVar("_Module", bound="pl.LightningModule")
 
 
 class SafetensorsCheckpointIO(CheckpointIO):
     """Writes and reads the whole Lightning checkpoint as one checksummed safetensors file, without pickle.
+
+    It also reads a sharded checkpoint folder (:mod:`detector.sharded_state`, written by
+    :class:`~detector.model_parallel.SafetensorsModelParallelStrategy`), assembled into the full state,
+    so any strategy can resume from it or ``validate``/``test``/``predict`` with it.
 
     Saves are atomic (temp file in the same folder, fsync, rename, folder fsync); loads verify the
     checksum and refuse anything that is not an intact checkpoint of this format (a pickled ``.ckpt``
@@ -55,13 +60,13 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         # weights_only is torch.load's pickle restriction; nothing here unpickles, so it is moot.
-        return _as_checkpoint(load_state(path, map_location=_as_device(map_location)), path)
+        return _as_checkpoint(load_checkpoint_state(path, map_location=_as_device(map_location)), path)
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
         path = Path(path)
+        remove_path(path)
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
             fsync_dir(path.parent)
 
 
@@ -77,7 +82,9 @@ def load_module_from_checkpoint(
     The pickle-free counterpart of ``cls.load_from_checkpoint``: ``kwargs`` override saved
     hyperparameters, ``strict`` and the module's ``on_load_checkpoint`` behave as in Lightning.
     """
-    checkpoint = _as_checkpoint(load_state(checkpoint_path, map_location=map_location), checkpoint_path)
+    checkpoint = _as_checkpoint(
+        load_checkpoint_state(checkpoint_path, map_location=map_location), checkpoint_path
+    )
     if "state_dict" not in checkpoint:
         raise CheckpointFormatError(
             f"{checkpoint_path}: holds no 'state_dict'; keys: {sorted(map(str, checkpoint))}"

@@ -15,13 +15,17 @@ from typing import Any
 
 import torch
 
-from detector.state_format import CheckpointFormatError, TensorInfo, read_header, save_state, verify_state
+from detector.checkpoint_files import read_checkpoint_header, verify_checkpoint
+from detector.sharded_state import fill_sharded, is_sharded_checkpoint, read_index, state_file
+from detector.state_format import CheckpointFormatError, TensorInfo, save_state, verify_state
+from detector.state_tree import DTYPE_CODES
 
 _SCALARS = (int, float, bool, str, type(None))
 
 
 def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
-    """One row per ``*.safetensors`` file in ``folder``, read from headers only (no data verified).
+    """One row per ``*.safetensors`` checkpoint in ``folder`` (a file, or a sharded folder shown with a
+    trailing ``/``), read from headers only (no data verified).
 
     Returns:
         Rows with ``file``, ``bytes``, ``epoch``, ``global_step``, ``metrics`` (name -> value: a
@@ -30,15 +34,19 @@ def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
     """
     rows = []
     for path in sorted(Path(folder).glob("*.safetensors")):
-        row: dict[str, Any] = {"file": path.name, "bytes": path.stat().st_size, "error": None}
+        sharded = path.is_dir()
+        size = (
+            sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if sharded else path.stat().st_size
+        )
+        row: dict[str, Any] = {"file": path.name + "/" * sharded, "bytes": size, "error": None}
         try:
-            header = read_header(path)
+            header = read_checkpoint_header(path)
         except CheckpointFormatError as err:
             rows.append({**row, "epoch": None, "global_step": None, "metrics": {}, "error": str(err)})
             continue
         state = header["state"] if isinstance(header["state"], Mapping) else {}
         row.update(epoch=state.get("epoch"), global_step=state.get("global_step"))
-        row["metrics"] = _read_scalars(path, header, _metric_entries(state))
+        row["metrics"] = _read_scalars(state_file(path), header, _metric_entries(state))
         rows.append(row)
     return rows
 
@@ -58,11 +66,11 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def verify_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
-    """Verify each file; return ``(path, None)`` when intact, ``(path, problem)`` otherwise."""
+    """Verify checkpoints (files or sharded folders): ``(path, None)`` if intact, else ``(path, problem)``."""
     results: list[tuple[Path, str | None]] = []
     for path in map(Path, paths):
         try:
-            verify_state(path)
+            verify_checkpoint(path)
             results.append((path, None))
         except (CheckpointFormatError, OSError) as err:
             results.append((path, str(err)))
@@ -71,13 +79,27 @@ def verify_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, str | No
 
 def describe_checkpoint(path: str | Path, max_items: int = 50) -> str:
     """A readable tree of what ``path`` holds: keys, tensor dtypes/shapes/sizes, scalar values."""
-    header = read_header(path)
+    header = read_checkpoint_header(path)
     lines = [f"{path}: format v{header['format_version']}, {_size(header['file_bytes'])}"]
-    lines += _describe(header["state"], "", max_items)
-    total = sum(info.nbytes for info in header["tensors"].values())
-    count = len(header["tensors"])
-    lines.append(f"{count} tensors, {_size(total)}; checksum {header['checksum']} (not verified here)")
+    infos = list(header["tensors"].values())
+    state = header["state"]
+    if is_sharded_checkpoint(path):
+        index = read_index(path)
+        sharded = {key: _sharded_info(key, entry) for key, entry in index["tensors"].items()}
+        ranks, files = index["world_size"], len(index["shards"])
+        size = _size(header["file_bytes"])
+        lines[0] = f"{path}: sharded over {ranks} ranks ({files} shard files), state file {size}"
+        state, infos = fill_sharded(state, sharded), infos + list(sharded.values())
+    lines += _describe(state, "", max_items)
+    total = sum(info.nbytes for info in infos)
+    lines.append(f"{len(infos)} tensors, {_size(total)}; checksum {header['checksum']} (not verified here)")
     return "\n".join(lines)
+
+
+def _sharded_info(key: str, entry: Mapping[str, Any]) -> TensorInfo:
+    dtype = {code: dtype for dtype, code in DTYPE_CODES.items()}[entry["dtype"]]
+    nbytes = math.prod(entry["shape"]) * dtype.itemsize
+    return TensorInfo(key, dtype, tuple(entry["shape"]), 0, nbytes)
 
 
 def convert_checkpoint(source: str | Path, target: str | Path) -> None:

@@ -10,9 +10,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+from detector.checkpoint_files import read_checkpoint_header
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
-from detector.state_format import read_header
 from detector.tokenizer import save_tokenizer_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -55,9 +55,9 @@ class DetectorCLI(LightningCLI):
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or not Path(ckpt_path).exists():
             return
-        hparams = dict(read_header(ckpt_path)["state"].get("hyper_parameters") or {})
+        hparams = dict(read_checkpoint_header(ckpt_path)["state"].get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -65,13 +65,13 @@ class DetectorCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         ckpt_path, data = config.get("ckpt_path"), config["data"]
-        if ckpt_path and Path(ckpt_path).is_file() and data.get("tokenizer_path") is None:
+        if ckpt_path and Path(ckpt_path).exists() and data.get("tokenizer_path") is None:
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
 
 
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:
     """The checkpoint's tokenizer, written once under ``root/checkpoint-<checksum>``; ``None`` if absent."""
-    header = read_header(ckpt_path)
+    header = read_checkpoint_header(ckpt_path)
     files = (header["state"].get("DetectorDataModule") or {}).get("tokenizer_files")
     if not files:
         return None

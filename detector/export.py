@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detector.bundle import TEMP_MARKER, write_bundle
+from detector.checkpoint_files import load_checkpoint_state
 from detector.thresholds import DEFAULT_TARGET_FPR, DEFAULT_THRESHOLD, rates_at_threshold, threshold_at_fpr
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
@@ -133,11 +134,7 @@ def checkpoint_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> t
 
 
 def _default_load_state(path: Path) -> dict[str, Any]:
-    try:
-        from detector.state_format import load_state  # type: ignore[import-not-found]
-    except ImportError as err:  # TODO(lead): drop once detector.state_format is merged
-        raise RuntimeError("detector.state_format is not available: pass load_state=") from err
-    return load_state(path)
+    return load_checkpoint_state(path)
 
 
 def export_checkpoint(
@@ -167,7 +164,8 @@ def export_checkpoint(
         val_scores: validation ``(probs, labels)`` of these weights, for the threshold at
             ``target_fpr``; without them the threshold is 0.5 and the metadata says why.
         extra_metadata: fields that override those read from the checkpoint (e.g. ``metrics``).
-        load_state: reads the checkpoint dict; defaults to ``detector.state_format.load_state``.
+        load_state: reads the checkpoint dict; defaults to
+            :func:`detector.checkpoint_files.load_checkpoint_state`.
     """
     path = Path(checkpoint_path)
     checkpoint = (load_state or _default_load_state)(path)

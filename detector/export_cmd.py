@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
+from detector.checkpoint_files import load_checkpoint_state
 from detector.export import checkpoint_weights, export_checkpoint
 from detector.module import DetectorModule
 from detector.records import read_records
-from detector.state_format import load_state
 from detector.tokenizer import tokenizer_from_files
 
 
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Export ``checkpoint`` to a bundle; print its path."""
     args = _parser().parse_args(argv)
-    checkpoint = load_state(args.checkpoint)
+    checkpoint = load_checkpoint_state(args.checkpoint)
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = DetectorModule(**hparams).model

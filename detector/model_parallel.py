@@ -11,31 +11,48 @@ from lightning.fabric.strategies.model_parallel import (
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from detector.sharded_state import (
+    INDEX_NAME,
+    is_sharded_checkpoint,
+    load_sharded_state,
+    save_sharded_state,
+    split_sharded,
+)
+
 
 class SafetensorsModelParallelStrategy(ModelParallelStrategy):
-    """``ModelParallelStrategy`` that reads full-state checkpoints through the Trainer's ``CheckpointIO``.
+    """``ModelParallelStrategy`` (FSDP2) whose checkpoints are safetensors: sharded or full, never pickled.
 
-    Saving (``save_distributed_checkpoint=False``, the default here): every rank takes part in
-    gathering the full weights and optimizer state into CPU memory of global rank zero, which writes
-    them through the ``CheckpointIO`` (one safetensors file; note rank zero then holds the whole state
-    in CPU memory). Loading such a file: every rank reads it through the same ``CheckpointIO`` (no
-    pickle), and rank zero's tensors are broadcast into the shards of the current mesh, so a
-    checkpoint resumes on any number of ranks. Lightning's own ``ModelParallelStrategy`` reads a
-    full checkpoint with ``torch.load`` instead, which cannot read this format.
+    ``save_distributed_checkpoint=True`` (what ``configs/fsdp.yaml`` sets): every rank writes its own
+    shard of the weights, optimizer state and other DTensors, rank zero the rest, committed together
+    as one folder (:mod:`detector.sharded_state`); no rank ever holds the whole state. Loading one,
+    each rank reads through ``torch.distributed.checkpoint`` (its ``HuggingFaceStorageReader``) just the
+    chunks its shards need, on any number of ranks. Lightning's own sharded checkpoint would instead
+    pickle everything but the tensors into a ``meta.pt``.
 
-    Sharded checkpoints are not supported yet: Lightning's (``save_distributed_checkpoint=True``) is a
-    ``torch.distributed.checkpoint`` folder with a pickled ``meta.pt``, which this project never loads,
-    and which the top-K checkpoint callback cannot link or rotate.
+    ``save_distributed_checkpoint=False`` (the default): the full weights and optimizer state are
+    gathered into CPU memory of global rank zero, which writes one safetensors file through the
+    ``CheckpointIO``. Loading such a file, every rank reads it (no pickle; Lightning's own strategy
+    would ``torch.load`` it) and rank zero's tensors are broadcast into the shards of the current mesh.
+
+    Either layout resumes on any number of ranks, and the ``CheckpointIO`` reads both, so a sharded
+    run can also be resumed, validated or tested on a single device.
 
     Args:
         data_parallel_size: ranks that shard the model (FSDP2); ``"auto"``: every rank.
         tensor_parallel_size: ranks of a tensor-parallel group; ``"auto"``: 1 (no tensor parallelism,
             unlike Lightning's default, which gives every device of a node to tensor parallelism).
-        save_distributed_checkpoint: must be ``False`` (kept so configs can state it).
+        save_distributed_checkpoint: write the sharded folder layout instead of one gathered file.
         process_group_backend: ``"gloo"``, ``"nccl"``; ``None`` picks by device.
 
     Example:
@@ -44,6 +61,7 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
             trainer:
               strategy:
                 class_path: detector.model_parallel.SafetensorsModelParallelStrategy
+                init_args: {save_distributed_checkpoint: true}
     """
 
     def __init__(
@@ -53,17 +71,17 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = False,
         process_group_backend: str | None = None,
     ) -> None:
-        if save_distributed_checkpoint:
-            raise ValueError(
-                "save_distributed_checkpoint=True writes Lightning's sharded folder with a pickled meta.pt, "
-                "which this project does not load; use False (the full state, gathered on global rank zero)"
-            )
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
         )
+
+    @property
+    def saves_sharded(self) -> bool:
+        """Whether checkpoints are written as sharded folders (every rank writes)."""
+        return self._save_distributed_checkpoint
 
     @override
     def setup_environment(self) -> None:
@@ -74,12 +92,25 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
         super().setup_environment()
 
     @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        save_sharded_state(checkpoint, Path(self.broadcast(filepath)))
+
+    @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
+        if is_sharded_checkpoint(path):
+            return self._load_sharded(path)
         if path.is_dir():
             raise ValueError(
-                f"{path} is a folder (a sharded torch.distributed.checkpoint, with a pickled meta.pt?): "
-                "only full-state safetensors checkpoint files are loaded"
+                f"{path} is a folder without {INDEX_NAME} (Lightning's sharded checkpoint, with a pickled "
+                "meta.pt?): only this project's safetensors checkpoints are loaded"
             )
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module, strict = self.model, self.lightning_module.strict_loading  # type: ignore[union-attr]
@@ -88,6 +119,19 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
             state = optimizer_state_by_name(state, optimizer, module)  # type: ignore[arg-type]
             set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)  # type: ignore[arg-type]
+        return checkpoint
+
+    def _load_sharded(self, path: Path) -> dict[str, Any]:
+        """Fill this mesh's shards from a sharded folder; every rank reads only what its shards need."""
+        module, strict = self.model, self.lightning_module.strict_loading  # type: ignore[union-attr]
+        current = {
+            "state_dict": get_model_state_dict(module),  # type: ignore[arg-type]
+            "optimizer_states": [get_optimizer_state_dict(module, o) for o in self.optimizers],  # type: ignore[arg-type]
+        }
+        checkpoint = load_sharded_state(path, split_sharded(current)[1])
+        set_model_state_dict(module, checkpoint["state_dict"], options=StateDictOptions(strict=strict))  # type: ignore[arg-type]
+        for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state)  # type: ignore[arg-type]
         return checkpoint
 
 

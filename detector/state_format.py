@@ -13,7 +13,7 @@ import contextlib
 import mmap as mmap_module
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,17 @@ __all__ = [
 ]
 
 
-def save_state(state: Any, path: str | Path, checksum: str = DEFAULT_CHECKSUM) -> None:
+def save_state(
+    state: Any, path: str | Path, checksum: str = DEFAULT_CHECKSUM, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write ``state`` to ``path`` atomically: the previous file stays intact until the new one is durable.
 
     Args:
         state: a nested tree of tensors, NumPy arrays and JSON-like values (see :mod:`detector.state_tree`).
         path: the final file; a temp file beside it is written, fsynced and renamed onto it.
         checksum: ``"crc32-tree"`` (fast) or ``"sha256-tree"``; see :mod:`detector.piece_io`.
+        metadata: extra string entries for the safetensors ``__metadata__`` (covered by the checksum),
+            e.g. the shard offsets that :mod:`detector.sharded_state` adds for other readers.
 
     Raises:
         CheckpointFormatError: for a value that cannot be stored (the message names its key path).
@@ -72,7 +76,7 @@ def save_state(state: Any, path: str | Path, checksum: str = DEFAULT_CHECKSUM) -
     path = Path(path)
     tensors, skeleton = flatten_state(state)
     infos = plan_tensors(tensors)
-    header, digits_at = encode_header(infos, skeleton, checksum)
+    header, digits_at = encode_header(infos, skeleton, checksum, metadata or {})
     tmp = temp_path_for(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -140,8 +144,9 @@ def read_header(path: str | Path) -> dict[str, Any]:
 
     Returns:
         ``format_version``, ``checksum`` (``kind:hex``), ``file_bytes``, ``data_offset`` (where the
-        tensor data starts), ``tensors`` (name -> :class:`TensorInfo`) and ``state``: the state tree
-        with a :class:`TensorInfo` in place of each tensor or array.
+        tensor data starts), ``tensors`` (name -> :class:`TensorInfo`), ``metadata`` (the extra
+        ``__metadata__`` entries given to :func:`save_state`) and ``state``: the state tree with a
+        :class:`TensorInfo` in place of each tensor or array.
     """
     path = Path(path)
     with _open(path) as fd:
@@ -153,6 +158,7 @@ def read_header(path: str | Path) -> dict[str, Any]:
         "file_bytes": layout.file_bytes,
         "data_offset": len(layout.header),
         "tensors": infos,
+        "metadata": dict(layout.extra),
         "state": _unflatten(path, infos, layout.skeleton),
     }
 

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ class Layout:
     skeleton: Any
     tensors: list[TensorInfo]
     file_bytes: int
+    extra: dict[str, str]  # the __metadata__ entries beyond the format's own (see encode_header)
 
 
 def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
@@ -79,14 +81,26 @@ def plan_tensors(tensors: dict[str, torch.Tensor]) -> list[TensorInfo]:
     return infos
 
 
-def encode_header(infos: list[TensorInfo], skeleton: Any, checksum_kind: str) -> tuple[bytes, int]:
-    """The length prefix + header JSON with zeroed checksum digits, and where those digits start."""
+def encode_header(
+    infos: list[TensorInfo], skeleton: Any, checksum_kind: str, extra: Mapping[str, str] | None = None
+) -> tuple[bytes, int]:
+    """The length prefix + header JSON with zeroed checksum digits, and where those digits start.
+
+    Raises:
+        ValueError: if ``extra`` is not str -> str or would replace one of the format's own entries.
+    """
+    extra = dict(extra or {})
+    if any(not isinstance(k, str) or not isinstance(v, str) for k, v in extra.items()):
+        raise ValueError(f"extra metadata must map str to str, got {sorted(map(repr, extra))}")
     metadata = {
+        **extra,
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "checksum": f"{checksum_kind}:{_PLACEHOLDER.decode()}",
         "skeleton": json.dumps(skeleton, allow_nan=False, separators=(",", ":")),
     }
+    if len(metadata) != len(extra) + 4:
+        raise ValueError(f"extra metadata may not replace the format's own entries: {sorted(extra)}")
     header: dict[str, Any] = {"__metadata__": metadata}
     for info in infos:
         offsets = [info.start, info.end]
@@ -135,7 +149,10 @@ def read_layout(fd: int, path: Path) -> Layout:
     if file_bytes != expected:
         what = "truncated" if file_bytes < expected else "has trailing bytes"
         raise fail(path, f"{what}: the file has {file_bytes} bytes, its header describes {expected}")
-    return Layout(header_bytes, kind, checksum, skeleton, tensors, file_bytes)
+    extra = {
+        k: v for k, v in metadata.items() if k not in ("format", "format_version", "checksum", "skeleton")
+    }
+    return Layout(header_bytes, kind, checksum, skeleton, tensors, file_bytes, extra)
 
 
 def _bad_length(size: int | None, file_bytes: int) -> str:

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from detector import atomic
-from detector.atomic import TEMP_MARKER, atomic_link, clean_stale_temps, commit_file, temp_path_for
+from detector.atomic import (
+    TEMP_MARKER,
+    atomic_link,
+    clean_stale_temps,
+    commit_file,
+    link_tree,
+    remove_path,
+    replace_dir,
+    temp_path_for,
+)
 
 
 def test_temp_path_is_hidden_in_the_same_folder_and_unique(tmp_path: Path) -> None:
@@ -98,3 +107,52 @@ def test_clean_stale_temps_removes_only_temp_files_and_folders(tmp_path: Path) -
 
 def test_clean_stale_temps_of_a_missing_folder_is_empty(tmp_path: Path) -> None:
     assert clean_stale_temps(tmp_path / "absent") == []
+
+
+def _tree(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_replace_dir_swaps_a_whole_folder_and_leaves_no_temp(tmp_path: Path) -> None:
+    final = _tree(tmp_path / "ckpt", {"old.txt": "old", "sub/a": "1"})
+    tmp = _tree(temp_path_for(final), {"new.txt": "new"})
+    replace_dir(tmp, final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    fresh = _tree(temp_path_for(tmp_path / "other"), {"x": "x"})
+    replace_dir(fresh, tmp_path / "other")  # no folder there yet: a plain rename
+    assert (tmp_path / "other/x").read_text() == "x"
+
+
+def test_replace_dir_without_exchange_falls_back_to_two_renames(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    final = _tree(tmp_path / "ckpt", {"old.txt": "old"})
+    replace_dir(_tree(temp_path_for(final), {"new.txt": "new"}), final)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"] and (final / "new.txt").read_text() == "new"
+
+
+def test_replace_dir_refuses_a_temp_in_another_folder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="must be in the folder of"):
+        replace_dir(tmp_path / "a", tmp_path / "b" / "c")
+
+
+def test_link_tree_hard_links_every_file_and_replaces_the_target(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "step_4", {"index.json": "{}", "shards/s0": "0", "shards/s1": "1"})
+    final = _tree(tmp_path / "latest", {"stale": "x"})
+    link_tree(src, final)
+    files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    assert files == ["index.json", "shards/s0", "shards/s1"]
+    assert all((final / f).samefile(src / f) for f in files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_4"]
+
+
+def test_remove_path_deletes_folders_files_and_missing_paths(tmp_path: Path) -> None:
+    folder = _tree(tmp_path / "ckpt", {"a": "1", "sub/b": "2"})
+    (tmp_path / "file").write_text("x")
+    for path in (folder, tmp_path / "file", tmp_path / "missing"):
+        remove_path(path)
+    assert list(tmp_path.iterdir()) == []

@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 from transformers import DebertaV2ForSequenceClassification
 
+from detector.checkpoint_files import load_checkpoint_state
 from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
 from detector.export_cmd import main as export_main
 from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.model_parallel import SafetensorsModelParallelStrategy, optimizer_state_by_name
 from detector.module import DetectorModule
+from detector.sharded_state import INDEX_NAME, read_index, shard_name
 from detector.state_format import load_state
 from detector.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
 from tests.conftest import write_jsonl
@@ -148,8 +150,8 @@ def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> No
 
 
 def _assert_same_final_state(straight: Path, resumed: Path, parts: tuple[str, ...]) -> None:
-    expected = load_state(straight / "outputs/checkpoints" / LATEST_NAME)
-    got = load_state(resumed / "outputs/checkpoints" / LATEST_NAME)
+    expected = load_checkpoint_state(straight / "outputs/checkpoints" / LATEST_NAME)
+    got = load_checkpoint_state(resumed / "outputs/checkpoints" / LATEST_NAME)
     assert got["global_step"] == expected["global_step"] == STEPS
     assert len(tensors(expected["callbacks"]["EMACallback"]["ema"])) == len(expected["state_dict"])
     for part in parts:
@@ -199,11 +201,17 @@ def fsdp_run(tmp_path_factory, data) -> tuple[Path, str]:
 
 
 @pytest.mark.slow
-def test_fsdp2_fit_writes_one_set_of_full_state_checkpoints(fsdp_run, data) -> None:
+def test_fsdp2_fit_writes_one_set_of_sharded_checkpoint_folders(fsdp_run, data) -> None:
     cwd, output = fsdp_run
-    assert _names(cwd / "outputs/checkpoints") == _expected_checkpoints(cwd)
+    folder = cwd / "outputs/checkpoints"
+    assert _names(folder) == _expected_checkpoints(cwd)
     assert _names(cwd / "outputs/logs") == {"version_0"}
-    state = load_state(cwd / "outputs/checkpoints" / LATEST_NAME)
+    files = {INDEX_NAME, "state.safetensors", "shards"}
+    assert all((folder / name).is_dir() and _names(folder / name) == files for name in _names(folder))
+    assert read_index(folder / LATEST_NAME)["shards"] == [shard_name(0, 2), shard_name(1, 2)]
+    for name in (shard_name(0, 2), shard_name(1, 2), "state.safetensors"):  # latest: hard links, no copy
+        assert (folder / LATEST_NAME / name).samefile(folder / step_name(STEPS) / name)
+    state = load_checkpoint_state(folder / LATEST_NAME)
     full = DetectorModule(arch=json.loads(NO_DROPOUT), vocab_size=200).state_dict()
     assert {k: v.shape for k, v in state["state_dict"].items()} == {k: v.shape for k, v in full.items()}
     ema = state["callbacks"]["EMACallback"]["ema"]
@@ -216,7 +224,7 @@ def test_fsdp2_fit_writes_one_set_of_full_state_checkpoints(fsdp_run, data) -> N
 def test_fsdp2_resume_mid_epoch_equals_the_straight_run(fsdp_run, data) -> None:
     straight_cwd, _ = fsdp_run
     saved = straight_cwd.parent / step_name(4)
-    shutil.copy(straight_cwd / "outputs/checkpoints" / step_name(4), saved)
+    shutil.copytree(straight_cwd / "outputs/checkpoints" / step_name(4), saved)
     resumed_cwd = straight_cwd.parent / "resumed"
     cli_fit(resumed_cwd, data, FSDP, *FSDP_ARGS, "--ckpt_path", str(saved))
     _assert_same_final_state(straight_cwd, resumed_cwd, ("state_dict", "optimizer_states", "callbacks"))
@@ -224,9 +232,26 @@ def test_fsdp2_resume_mid_epoch_equals_the_straight_run(fsdp_run, data) -> None:
     assert {s: straight_losses[s] for s in resumed_losses} == resumed_losses
 
 
+@pytest.mark.slow
+def test_fsdp2_full_state_files_hold_what_the_sharded_folders_hold(fsdp_run, data) -> None:
+    full = ("--trainer.strategy.init_args.save_distributed_checkpoint", "false")
+    cwd = fsdp_run[0].parent / "full_state"
+    cli_fit(cwd, data, FSDP, *FSDP_ARGS, *full)
+    folder = cwd / "outputs/checkpoints"
+    assert _names(folder) == _expected_checkpoints(cwd)
+    assert all((folder / name).is_file() for name in _names(folder))
+    _assert_same_final_state(fsdp_run[0], cwd, ("state_dict", "callbacks"))
+    # Sharded optimizer state is numbered in group order, the gathered one in module order.
+    latest = (c / "outputs/checkpoints" / LATEST_NAME for c in (fsdp_run[0], cwd))
+    sharded, gathered = (load_checkpoint_state(path) for path in latest)
+    want, have = (tensors(_by_group_position(s["optimizer_states"])) for s in (sharded, gathered))
+    assert have.keys() == want.keys() and all(torch.equal(have[k], want[k]) for k in want)
+
+
 def _resume_elsewhere(source: Path, name: str, data: dict[str, Path], config: str, *extra: str) -> Path:
     saved = source.parent / f"{name}_{step_name(4)}"
-    shutil.copy(source / "outputs/checkpoints" / step_name(4), saved)
+    copy = shutil.copytree if (source / "outputs/checkpoints" / step_name(4)).is_dir() else shutil.copy
+    copy(source / "outputs/checkpoints" / step_name(4), saved)
     cwd = source.parent / name
     cli_fit(cwd, data, config, *extra, "--ckpt_path", str(saved))
     assert sorted(map(int, _train_losses(cwd))) == list(range(4, STEPS))
@@ -234,8 +259,8 @@ def _resume_elsewhere(source: Path, name: str, data: dict[str, Path], config: st
 
 
 def _assert_close_final_state(straight: Path, resumed: Path) -> None:
-    expected = load_state(straight / "outputs/checkpoints" / LATEST_NAME)
-    got = load_state(resumed / "outputs/checkpoints" / LATEST_NAME)
+    expected = load_checkpoint_state(straight / "outputs/checkpoints" / LATEST_NAME)
+    got = load_checkpoint_state(resumed / "outputs/checkpoints" / LATEST_NAME)
     assert got["global_step"] == STEPS
     for part, norm in (("state_dict", dict), ("optimizer_states", _by_group_position)):
         want, have = tensors(norm(expected[part])), tensors(norm(got[part]))
@@ -259,7 +284,7 @@ def _by_group_position(optimizers: list[dict]) -> dict[str, dict]:
 def test_fsdp2_two_rank_checkpoint_resumes_on_one_rank(fsdp_run, data) -> None:
     one_rank = ("--trainer.devices", "1", "--data.batch_size", "16")
     cwd = _resume_elsewhere(fsdp_run[0], "one_rank", data, FSDP, *FSDP_ARGS, *one_rank)
-    assert len(load_state(cwd / "outputs/checkpoints" / LATEST_NAME)["rng_states"]) == 1
+    assert len(load_checkpoint_state(cwd / "outputs/checkpoints" / LATEST_NAME)["rng_states"]) == 1
     _assert_close_final_state(fsdp_run[0], cwd)
 
 
@@ -296,11 +321,10 @@ def test_fsdp2_export_equals_the_export_of_the_gathered_weights(fsdp_run, tmp_pa
     assert all(torch.equal(loaded[k], v) for k, v in exported.items())
 
 
-def test_strategy_refuses_sharded_checkpoints_it_cannot_load_without_pickle(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"pickled meta\.pt"):
-        SafetensorsModelParallelStrategy(save_distributed_checkpoint=True)
-    with pytest.raises(ValueError, match="only full-state safetensors checkpoint files"):
-        SafetensorsModelParallelStrategy().load_checkpoint(tmp_path)
+def test_strategy_refuses_lightnings_pickled_sharded_folders(tmp_path) -> None:
+    (tmp_path / "meta.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(ValueError, match=r"folder without index\.json .*pickled meta\.pt"):
+        SafetensorsModelParallelStrategy(save_distributed_checkpoint=True).load_checkpoint(tmp_path)
 
 
 def _two_group_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
