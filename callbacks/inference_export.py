@@ -9,10 +9,13 @@ from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from detector.atomic import clean_stale_temps
 from detector.bundle import BundleExistsError, write_bundle
 from detector.export import (
     ValidationScores,
@@ -36,7 +39,10 @@ class InferenceExportCallback(Callback):
     threshold for ``target_fpr`` from the module's ``last_val_scores()`` (see
     :class:`detector.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
     the 0-based ``trainer.current_epoch``; at most one bundle per epoch. A run refuses to start
-    when bundles of ``version`` it did not write already exist: bump the version.
+    when bundles of ``version`` it did not write already exist: bump the version. At the start of
+    ``fit``, global rank zero removes the hidden temp folders a killed export left in ``dirpath``
+    (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another process
+    while a run starts.
 
     Example::
 
@@ -85,6 +91,13 @@ class InferenceExportCallback(Callback):
     def written(self) -> list[str]:
         """Names of the epoch bundles this run wrote and keeps, oldest first."""
         return list(self._written)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != TrainerFn.FITTING or not trainer.is_global_zero:
+            return
+        for path in clean_stale_temps(self.dirpath):
+            rank_zero_info(f"Removed a temporary bundle folder left by a killed export: {path}")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -5,10 +5,11 @@ files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally,
 loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
 without any ``detector`` code, and with :func:`detector.inference.load_detector`.
 
-Everything is written into a temporary folder inside ``root`` (its name carries ``TEMP_MARKER``, so
-stale-temp cleanup recognises it after a crash), every file and the folder are fsynced, the folder
-is renamed into place and ``root`` is fsynced. A failure leaves no bundle folder and no partial
-files; an existing bundle is never overwritten.
+Everything is written into a hidden temporary folder inside ``root``
+(:func:`detector.atomic.temp_path_for`: ``.{name}.tmp-{pid}-{random}``, which no bundle listing
+matches and :func:`detector.atomic.clean_stale_temps` removes after a crash), every file and the
+folder are fsynced, the folder is renamed into place and ``root`` is fsynced. A failure leaves no
+bundle folder and no partial files; an existing bundle is never overwritten.
 
 TorchScript is not offered: it is deprecated by PyTorch, Lightning and transformers. Use the ONNX
 export here (``onnx=True``) or ``torch.export``.
@@ -20,7 +21,6 @@ import errno
 import json
 import math
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file
+from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
 from detector.backbone import ID2LABEL, LABEL2ID
 from detector.model_card import render_card
 from detector.onnx_export import export_and_check
@@ -215,7 +215,7 @@ def write_bundle(
     _check_model(model, weights)
     completed = training_metadata(metadata, model, name)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{name}{TEMP_MARKER}{secrets.token_hex(4)}"
+    tmp = temp_path_for(final)
     tmp.mkdir()
     try:
         _write_contents(tmp, model, tokenizer, weights, completed, onnx)

@@ -13,7 +13,7 @@ from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint_files import read_checkpoint_header
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
-from detector.tokenizer import save_tokenizer_files
+from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "outputs",
@@ -72,8 +72,8 @@ class DetectorCLI(LightningCLI):
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:
     """The checkpoint's tokenizer, written once under ``root/checkpoint-<checksum>``; ``None`` if absent."""
     header = read_checkpoint_header(ckpt_path)
-    files = (header["state"].get("DetectorDataModule") or {}).get("tokenizer_files")
-    if not files:
+    files = checkpoint_tokenizer_files(header["state"])
+    if files is None:
         return None
     return str(
         save_tokenizer_files(files, Path(root) / f"checkpoint-{header['checksum'].split(':')[-1][:16]}")

@@ -10,7 +10,6 @@ Writes a report folder (see :func:`detector.report.write_report`) with every sys
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,53 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from detector.backbone import has_own_tokenizer
 from detector.baseline import train_baseline
-from detector.data import DetectorDataModule, EncodedDataset, pad_batch
+from detector.checkpoint_files import read_checkpoint_header
+from detector.data import EncodedDataset, pad_batch
 from detector.records import Records, read_records
 from detector.report import write_report
-from detector.state_format import read_header
+from detector.tokenizer import checkpoint_tokenizer
 
 DETECTOR, BASELINE = "detector", "tfidf_baseline"
-
-
-def checkpoint_hparams(checkpoint: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(model hyperparameters, datamodule hyperparameters)`` from a checkpoint's header (no tensor read)."""
-    state = read_header(checkpoint)["state"]
-    return dict(state.get("hyper_parameters") or {}), dict(state.get("datamodule_hyper_parameters") or {})
-
-
-def tokenizer_for_checkpoint(checkpoint: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer the checkpoint's model was trained with; the one place that knows where it lives.
-
-    A pretrained backbone's tokenizer comes from its hub id or folder. A config-built backbone's was
-    trained on the training file and saved under ``tokenizer_root/<sha256(train file)[:16]>-v<vocab>/``
-    (:attr:`detector.data.DetectorDataModule.tokenizer`); relative paths are resolved from the working
-    directory, as in training. It is never retrained here: a missing folder is an error.
-    """
-    _, data_hparams = checkpoint_hparams(checkpoint)
-    if not data_hparams:
-        raise ValueError(f"{checkpoint} holds no datamodule_hyper_parameters: cannot tell its tokenizer")
-    if has_own_tokenizer(data_hparams.get("pretrained")):
-        return AutoTokenizer.from_pretrained(data_hparams["pretrained"])
-    # LightningCLI adds private entries (``_instantiator``) to the saved hyperparameters.
-    accepted = inspect.signature(DetectorDataModule.__init__).parameters
-    datamodule = DetectorDataModule(**{k: v for k, v in data_hparams.items() if k in accepted})
-    h: Any = datamodule.hparams
-    try:
-        fingerprint = datamodule.data_fingerprint()
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"training file of {checkpoint} not found (it names the tokenizer): {err}"
-        ) from err
-    folder = Path(h.tokenizer_root) / f"{fingerprint[:16]}-v{h.tokenizer_vocab_size}"
-    if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"tokenizer folder {folder} of {checkpoint} not found; run from the training's working directory"
-        )
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def score_checkpoint(
@@ -72,13 +33,16 @@ def score_checkpoint(
 ) -> np.ndarray:
     """P(machine) per text from a checkpoint, batched in file order as Lightning's ``test`` does.
 
-    Tokenization (``max_length``) and the default batch size are the checkpoint's data settings, so
-    the scores equal those ``python -m detector test`` computes on the same file.
+    The tokenizer is the one stored in the checkpoint (:func:`detector.tokenizer.checkpoint_tokenizer`),
+    so no tokenizer folder or training file is needed. Tokenization (``max_length``) and the default
+    batch size are the checkpoint's data settings, so the scores equal those ``python -m detector
+    test`` computes on the same file.
     """
     from detector.module import DetectorModule
 
-    _, data_hparams = checkpoint_hparams(checkpoint)
-    tokenizer = tokenizer_for_checkpoint(checkpoint)
+    state = read_checkpoint_header(checkpoint)["state"]  # no tensor read
+    data_hparams = dict(state.get("datamodule_hyper_parameters") or {})
+    tokenizer = checkpoint_tokenizer(state, checkpoint)
     max_length = int(data_hparams.get("max_length", 256))
     batch_size = (
         batch_size or data_hparams.get("eval_batch_size") or 2 * int(data_hparams.get("batch_size", 16))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.bundle import TEMP_MARKER, write_bundle
+from detector.atomic import temp_path_for
+from detector.bundle import write_bundle
 from detector.checkpoint_files import load_checkpoint_state
 from detector.thresholds import DEFAULT_TARGET_FPR, DEFAULT_THRESHOLD, rates_at_threshold, threshold_at_fpr
 
@@ -64,11 +64,12 @@ def existing_bundles(root: str | Path, version: str) -> list[str]:
 def remove_bundle(path: str | Path) -> None:
     """Delete a bundle without ever leaving a partial one under its name.
 
-    The folder is first renamed to a temp name (atomic), so a crash mid-delete leaves only a temp
-    folder for stale-temp cleanup, never a half-deleted bundle that looks complete.
+    The folder is first renamed to a hidden temp name (:func:`detector.atomic.temp_path_for`, atomic),
+    so a crash mid-delete leaves only a temp folder for :func:`detector.atomic.clean_stale_temps`,
+    never a half-deleted bundle that looks complete.
     """
     path = Path(path)
-    doomed = path.with_name(f"{path.name}{TEMP_MARKER}deleting-{secrets.token_hex(4)}")
+    doomed = temp_path_for(path)
     os.rename(path, doomed)
     shutil.rmtree(doomed)
 

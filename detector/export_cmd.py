@@ -12,15 +12,7 @@ from detector.checkpoint_files import load_checkpoint_state
 from detector.export import checkpoint_weights, export_checkpoint
 from detector.module import DetectorModule
 from detector.records import read_records
-from detector.tokenizer import tokenizer_from_files
-
-
-def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> Any:
-    """The tokenizer a checkpoint was trained with (the data module stores its files in it)."""
-    state = checkpoint.get("DetectorDataModule") or {}
-    if "tokenizer_files" not in state:
-        raise ValueError("the checkpoint holds no tokenizer files (was it written by DetectorDataModule?)")
-    return tokenizer_from_files(state["tokenizer_files"])
+from detector.tokenizer import checkpoint_tokenizer
 
 
 @torch.no_grad()
@@ -63,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = DetectorModule(**hparams).model
-    tokenizer = checkpoint_tokenizer(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint, args.checkpoint)
     weights, _ = checkpoint_weights(checkpoint, use_ema=not args.no_ema)
     model.load_state_dict(weights)
     max_length = int(checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 512))

@@ -7,14 +7,12 @@ import contextlib
 import csv
 import itertools
 import json
-import os
-import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from detector.bundle import TEMP_MARKER
+from detector.atomic import commit_file, temp_path_for
 from detector.inference import Detector, load_detector
 
 Record = tuple[Any, str]  # (id or None, text)
@@ -124,13 +122,11 @@ def _output(target: str) -> Iterator[IO[str]]:
         yield sys.stdout
         return
     final = Path(target)
-    tmp = final.with_name(f"{final.name}{TEMP_MARKER}{secrets.token_hex(4)}")
+    tmp = temp_path_for(final)
     try:
         with tmp.open("w", encoding="utf-8") as out:
             yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, final)
+        commit_file(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -82,7 +82,7 @@ def split_sharded(state: Any, path: tuple[Any, ...] = ()) -> tuple[Any, dict[str
     return state, found
 
 
-def fill_sharded(state: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+def fill_sharded(state: Any, tensors: Mapping[str, Any]) -> Any:
     """The inverse of :func:`split_sharded`: each marker replaced by ``tensors[key]``."""
     if isinstance(state, dict):
         if set(state) == {SHARDED_TAG}:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, DebertaV2Tokenizer, PreTrainedTokenizerBase
 
 # DeBERTa-v3 puts these at ids 0..3; [MASK] follows them here because the vocab is trained, not fixed.
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+# Lightning stores a data module's state_dict() in the checkpoint under the class name.
+DATAMODULE_STATE = "DetectorDataModule"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2Tokenizer:
@@ -70,6 +73,38 @@ def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
         for name, text in files.items():
             (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
         return AutoTokenizer.from_pretrained(folder)
+
+
+def checkpoint_tokenizer_files(checkpoint: Mapping[str, Any]) -> dict[str, str] | None:
+    """The tokenizer files ``DetectorDataModule`` stored in a checkpoint, or None when it holds none.
+
+    Args:
+        checkpoint: a loaded checkpoint dict, or the ``state`` of its header
+            (:func:`detector.state_format.read_header`), which holds them without reading any tensor.
+    """
+    state = checkpoint.get(DATAMODULE_STATE) or {}
+    return dict(state["tokenizer_files"]) if state.get("tokenizer_files") else None
+
+
+def checkpoint_tokenizer(checkpoint: Mapping[str, Any], path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a checkpoint was trained with, rebuilt from the files stored in it.
+
+    Needs no tokenizer folder, training file or hub access: a checkpoint alone is enough.
+
+    Args:
+        checkpoint: a loaded checkpoint dict or its header's ``state``.
+        path: the checkpoint file, named in the error.
+
+    Raises:
+        ValueError: the checkpoint holds no tokenizer files.
+    """
+    files = checkpoint_tokenizer_files(checkpoint)
+    if files is None:
+        raise ValueError(
+            f"checkpoint {path} holds no tokenizer files ({DATAMODULE_STATE}.tokenizer_files): "
+            "it was not written by a run with DetectorDataModule"
+        )
+    return tokenizer_from_files(files)
 
 
 def save_tokenizer_files(files: dict[str, str], folder: str | Path) -> Path:

@@ -209,6 +209,20 @@ def test_failed_rename_leaves_nothing(tmp_path, model, tokenizer, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bundle_is_written_in_a_hidden_temp_folder_beside_it(tmp_path, model, tokenizer, monkeypatch):
+    real, seen = bundle_module._fsync_tree, []
+
+    def look_then_fsync(folder):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        real(folder)
+
+    monkeypatch.setattr(bundle_module, "_fsync_tree", look_then_fsync)
+    write_bundle(model, tokenizer, tmp_path, "model_v1.0_final", metadata())
+    [temp] = seen
+    assert re.fullmatch(rf"\.model_v1\.0_final{re.escape(TEMP_MARKER)}{os.getpid()}-[0-9a-f]{{8}}", temp)
+    assert [p.name for p in tmp_path.iterdir()] == ["model_v1.0_final"]
+
+
 def test_existing_bundle_is_never_overwritten(tmp_path, model, tokenizer):
     first = write_bundle(model, tokenizer, tmp_path, "model_v1.0_final", metadata(epoch=1))
     before = {p.name: p.read_bytes() for p in first.iterdir()}

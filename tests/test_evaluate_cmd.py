@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -7,9 +9,11 @@ import pytest
 from detector.__main__ import main as detector_main
 from detector.cli import build_cli
 from detector.demo import demo_rows
-from detector.evaluate_cmd import main, score_checkpoint, tokenizer_for_checkpoint
+from detector.evaluate_cmd import main, score_checkpoint
 from detector.inference import load_detector
 from detector.report import REPORT_FILES
+from detector.state_format import load_state, read_header, save_state
+from detector.tokenizer import checkpoint_tokenizer
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 
@@ -65,6 +69,10 @@ def trained(tmp_path_factory):
     )
 
 
+def stored_tokenizer(checkpoint):
+    return checkpoint_tokenizer(read_header(checkpoint)["state"], checkpoint)
+
+
 def report_matches_test_metrics(run, out):
     code = main(
         [
@@ -95,32 +103,51 @@ def test_checkpoint_of_a_pretrained_backbone_folder_uses_its_tokenizer(saved_bun
     # A local Hugging Face folder stands in for a hub id such as microsoft/deberta-v3-base (GPU config).
     run = fit_and_test(tmp_path, demo_files(tmp_path), "--model.pretrained", str(saved_bundle))
     monkeypatch.chdir(tmp_path)
-    assert tokenizer_for_checkpoint(run["checkpoint"]).get_vocab() == run["tokenizer"].get_vocab()
+    assert stored_tokenizer(run["checkpoint"]).get_vocab() == run["tokenizer"].get_vocab()
     assert not (tmp_path / "outputs" / "tokenizer").exists()  # no tokenizer was trained
     report_matches_test_metrics(run, tmp_path / "report")
 
 
-def test_tokenizer_for_checkpoint_is_the_training_tokenizer(trained, monkeypatch):
-    monkeypatch.chdir(trained["dir"])
-    tokenizer = tokenizer_for_checkpoint(trained["checkpoint"])
-    assert tokenizer.get_vocab() == trained["tokenizer"].get_vocab()
+def test_stored_tokenizer_is_the_training_tokenizer(trained):
+    assert stored_tokenizer(trained["checkpoint"]).get_vocab() == trained["tokenizer"].get_vocab()
 
 
-def test_missing_tokenizer_folder_is_a_clear_error(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the relative tokenizer_root does not exist here
-    with pytest.raises(FileNotFoundError, match=r"tokenizer folder .* not found"):
-        tokenizer_for_checkpoint(trained["checkpoint"])
+def test_evaluates_a_checkpoint_after_the_runs_tokenizer_folder_is_deleted(trained, tmp_path, monkeypatch):
+    # A fresh machine: the run folder is copied without its tokenizer and evaluated from there.
+    run_copy = tmp_path / "run"
+    shutil.copytree(trained["dir"], run_copy)
+    assert (run_copy / "outputs" / "tokenizer").is_dir()
+    shutil.rmtree(run_copy / "outputs" / "tokenizer")
+    monkeypatch.chdir(run_copy)
+    copied = {
+        **trained,
+        "checkpoint": run_copy / "x.safetensors",
+        "files": {split: run_copy / path.name for split, path in trained["files"].items()},
+    }
+    report_matches_test_metrics(copied, tmp_path / "report")
+    assert not (run_copy / "outputs" / "tokenizer").exists()  # nothing was retrained or rewritten
+
+
+def test_checkpoint_without_tokenizer_files_is_a_clear_error(trained, tmp_path, capsys):
+    state = load_state(trained["checkpoint"])
+    del state["DetectorDataModule"]
+    checkpoint = tmp_path / "old.safetensors"
+    save_state(state, checkpoint)
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(checkpoint))} holds no tokenizer files"):
+        stored_tokenizer(checkpoint)
     code = main(
         [
             "--data",
             str(trained["files"]["test"]),
             "--checkpoint",
-            str(trained["checkpoint"]),
+            str(checkpoint),
             "--out",
             str(tmp_path / "r"),
         ]
     )
-    assert code == 2 and "detector evaluate: error: tokenizer folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"detector evaluate: error: checkpoint {checkpoint} holds no tokenizer files" in err
     assert not (tmp_path / "r").exists()
 
 

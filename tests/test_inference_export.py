@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import re
+import shutil
 
 import lightning.pytorch as pl
 import pytest
@@ -10,8 +13,9 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from callbacks.inference_export import InferenceExportCallback
+from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle import BundleExistsError, read_metadata
-from detector.export import export_checkpoint
+from detector.export import existing_bundles, export_checkpoint, remove_bundle
 from detector.thresholds import rates_at_threshold, threshold_at_fpr
 
 LABELS = [i % 2 for i in range(len(TEXTS))]
@@ -184,6 +188,49 @@ def test_existing_bundles_of_the_version_stop_the_run_before_training(tmp_path, 
         _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6])
     assert _names(root) == ["model_v1.0_final"]
     assert (root / "model_v1.0_final" / "config.json").read_text() == "{}"
+
+
+class SeeFolderAtTrainStart(Callback):
+    def __init__(self, root):
+        self.root, self.seen = root, None
+
+    def on_train_start(self, trainer, pl_module):
+        self.seen = _names(self.root)
+
+
+def test_stale_bundle_temp_of_a_killed_export_is_removed_when_fit_starts(tmp_path, bundle_tokenizer):
+    root = tmp_path / "inference"
+    # What a killed export leaves: a hidden, fully written temp folder beside the bundle's name.
+    stale = temp_path_for(root / "model_v1.0_epoch0")
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    (root / "notes.txt").write_text("mine")
+    assert re.fullmatch(rf"\.model_v1\.0_epoch0\.tmp-{os.getpid()}-[0-9a-f]{{8}}", stale.name)
+    assert existing_bundles(root, "1.0") == []
+    spy = SeeFolderAtTrainStart(root)
+    _fit(tmp_path, bundle_tokenizer, InferenceExportCallback(dirpath=str(root)), [0.5], extra=[spy])
+    assert spy.seen == ["notes.txt"]  # removed at setup, before training
+    assert _names(root) == ["model_v1.0_epoch0", "model_v1.0_final", "notes.txt"]
+
+
+def test_removal_killed_midway_leaves_only_a_hidden_temp_that_is_no_bundle(
+    tmp_path, bundle_tokenizer, monkeypatch
+):
+    root = tmp_path / "inference"
+    (root / "model_v1.0_epoch2").mkdir(parents=True)
+    (root / "model_v1.0_epoch2" / "config.json").write_text("{}")
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        remove_bundle(root / "model_v1.0_epoch2")
+    monkeypatch.undo()
+    [left] = _names(root)
+    assert re.fullmatch(rf"\.model_v1\.0_epoch2\.tmp-{os.getpid()}-[0-9a-f]{{8}}", left)
+    assert existing_bundles(root, "1.0") == []
+    assert clean_stale_temps(root) == [root / left] and _names(root) == []
 
 
 def test_resumed_run_accepts_and_prunes_the_bundles_it_wrote(tmp_path, bundle_tokenizer):

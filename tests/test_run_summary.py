@@ -78,6 +78,8 @@ def test_disk_usage_counts_hard_links_once_and_skips_temps(tmp_path):
     os.link(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
     (tmp_path / "c.safetensors").write_bytes(b"y" * 7)
     (tmp_path / ".d.safetensors.tmp-1-ab").write_bytes(b"z" * 50)
+    (tmp_path / ".model_v1.0_final.tmp-1-cd").mkdir()  # a bundle's temp folder: its files are left out
+    (tmp_path / ".model_v1.0_final.tmp-1-cd" / "model.safetensors").write_bytes(b"w" * 1000)
     assert disk_usage(tmp_path) == 107
     assert disk_usage(tmp_path / "missing") == 0
 

@@ -1,9 +1,12 @@
 import io
 import json
+import os
+import re
 
 import pytest
 from bundle_helpers import TEXTS
 
+import detector.score as score_module
 from detector.inference import load_detector
 from detector.score import main
 
@@ -95,3 +98,19 @@ def test_bad_options_exit_with_usage(saved_bundle):
     with pytest.raises(SystemExit) as exit_info:
         main([str(saved_bundle), "-", "--threshold", "1.5"])
     assert exit_info.value.code == 2
+
+
+def test_output_file_is_written_under_a_hidden_temp_name_then_renamed(tmp_path, saved_bundle, monkeypatch):
+    real, temps = score_module.commit_file, []
+
+    def spy(tmp, final):
+        temps.append(tmp.name)
+        real(tmp, final)
+
+    monkeypatch.setattr(score_module, "commit_file", spy)
+    (tmp_path / "t.txt").write_text("".join(t + "\n" for t in TEXTS[:3]))
+    assert main([str(saved_bundle), str(tmp_path / "t.txt"), "-o", str(tmp_path / "out.jsonl")]) == 0
+    [temp] = temps
+    assert re.fullmatch(rf"\.out\.jsonl\.tmp-{os.getpid()}-[0-9a-f]{{8}}", temp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "t.txt"]
+    assert len(_rows((tmp_path / "out.jsonl").read_text())) == 3
