@@ -41,10 +41,11 @@ class EMACallback(Callback):
     - Resume restores the raw weights for training and the EMA and its counter for averaging.
     - After fit the module holds the raw weights; ``averaged_state_dict()`` gives the EMA.
     - DDP: every rank keeps the same EMA (the weights are equal after each step); rank zero writes.
-      FSDP2 / tensor parallel (``ModelParallelStrategy``): each rank averages its DTensor shard; the
-      state and ``averaged_state_dict()`` gather full tensors into CPU memory (a collective: call on
-      every rank), and loading re-shards them. Lightning's sharded checkpoint keeps callback state in
-      rank zero's metadata file, so the EMA is stored there whole, not as shards.
+      FSDP2 / tensor parallel (``ModelParallelStrategy``): each rank averages its DTensor shard. With
+      sharded checkpoints (``SafetensorsModelParallelStrategy(save_distributed_checkpoint=True)``)
+      the state holds the shards as DTensors and every rank writes its own; otherwise the state and
+      ``averaged_state_dict()`` gather full tensors into CPU memory (a collective: call on every
+      rank). Loading takes full tensors (a sharded checkpoint's are assembled) and re-shards them.
       ``FSDPStrategy`` (FSDP1 flat parameters) and DeepSpeed are refused with a ValueError.
 
     Why not a subclass of Lightning's ``WeightAveraging``: it deep-copies the whole LightningModule into
@@ -98,6 +99,7 @@ class EMACallback(Callback):
         self.cpu_offload = cpu_offload
         self.eval_with_ema_for = frozenset(eval_with_ema_for)
         self._ema: ExponentialMovingAverage | None = None
+        self._sharded_state = False
         self._pending: dict[str, Any] | None = None
         self._last_update_step = 0
 
@@ -124,6 +126,8 @@ class EMACallback(Callback):
                 f"EMACallback does not support {type(trainer.strategy).__name__} (flat parameter shards):"
                 " use strategy='ddp' or ModelParallelStrategy (FSDP2)"
             )
+        # A sharded checkpoint stores each rank's EMA shards as they are; otherwise they are gathered.
+        self._sharded_state = bool(getattr(trainer.strategy, "saves_sharded", False))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -191,7 +195,7 @@ class EMACallback(Callback):
             "last_update_step": self._last_update_step,
         }
         if self._ema is not None:
-            state["ema"] = self._ema.state_dict()
+            state["ema"] = self._ema.state_dict(sharded=self._sharded_state)
         elif self._pending is not None:
             state["ema"] = self._pending["ema"]
         return state

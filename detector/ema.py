@@ -108,6 +108,15 @@ def _gather(average: Tensor, target: Tensor) -> Tensor:
     return sharded.full_tensor().cpu()  # one full tensor at a time on the accelerator
 
 
+def _shard(average: Tensor, target: Tensor) -> Tensor:
+    if not isinstance(target, DTensor):
+        return average.detach()
+    mesh = target.device_mesh
+    return DTensor.from_local(
+        average.to(mesh.device_type), mesh, target.placements, shape=target.shape, stride=target.stride()
+    )
+
+
 class ExponentialMovingAverage:
     """EMA of a module's state (parameters and persistent buffers), kept apart from the module.
 
@@ -190,10 +199,17 @@ class ExponentialMovingAverage:
         torch._foreach_copy_([_local(t) for t in self._targets], self._backup)
         self._backup = None
 
-    def state_dict(self) -> dict[str, Tensor]:
-        """The averages as full tensors keyed like ``module.state_dict()`` (live views when not sharded)."""
-        full = [_gather(a, t) for a, t in zip(self._averages, self._targets, strict=True)]
-        return {name: full[i] for name, i in self._index.items()}
+    def state_dict(self, sharded: bool = False) -> dict[str, Tensor]:
+        """The averages keyed like ``module.state_dict()`` (live views when the module is not sharded).
+
+        Args:
+            sharded: ``False``: full CPU tensors, gathered from the shards (a collective). ``True``:
+                a sharded module's averages as DTensors over this rank's shards, without any
+                communication, for a sharded checkpoint (:mod:`detector.sharded_state`) to store.
+        """
+        pick = _shard if sharded else _gather
+        tensors = [pick(a, t) for a, t in zip(self._averages, self._targets, strict=True)]
+        return {name: tensors[i] for name, i in self._index.items()}
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:

@@ -258,9 +258,12 @@ def _sharded_worker(rank: int, port: int, out: str) -> None:
     ema.swap_out()
     restored = all(torch.equal(p.to_local(), r) for p, r in zip(model.parameters(), raw, strict=True))
     state = ema.state_dict()
+    shards = ema.state_dict(sharded=True)  # this rank's shards as DTensors, no gathering
+    sharded_match = all(torch.equal(shards[k].full_tensor(), v) for k, v in state.items())
     ema.load_state_dict({k: v * 2 for k, v in state.items()})
     doubled = ema.state_dict()
     result = {"state": state, "swapped_in": swapped_in, "restored": restored, "doubled": doubled}
+    result["sharded_match"] = torch.tensor(sharded_match)
     torch.save(result, f"{out}{rank}")
     dist.destroy_process_group()
 
@@ -281,7 +284,7 @@ def test_sharded_ema_under_fsdp2_equals_single_process(tmp_path) -> None:
     expected = ema.state_dict()
     for rank in range(2):
         got = torch.load(f"{out}{rank}", weights_only=True)
-        assert got["restored"]
+        assert got["restored"] and bool(got["sharded_match"])
         for name, value in expected.items():
             torch.testing.assert_close(got["state"][name], value, rtol=0, atol=1e-6)
             torch.testing.assert_close(got["doubled"][name], 2 * got["state"][name], rtol=0, atol=0)

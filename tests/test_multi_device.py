@@ -208,7 +208,10 @@ def test_fsdp2_fit_writes_one_set_of_sharded_checkpoint_folders(fsdp_run, data) 
     assert _names(cwd / "outputs/logs") == {"version_0"}
     files = {INDEX_NAME, "state.safetensors", "shards"}
     assert all((folder / name).is_dir() and _names(folder / name) == files for name in _names(folder))
-    assert read_index(folder / LATEST_NAME)["shards"] == [shard_name(0, 2), shard_name(1, 2)]
+    index = read_index(folder / LATEST_NAME)
+    assert index["shards"] == [shard_name(0, 2), shard_name(1, 2)]
+    kinds = {key.split(".")[0] if "EMA" not in key else "ema" for key in index["tensors"]}
+    assert kinds == {"state_dict", "optimizer_states", "ema"}  # weights, AdamW moments and EMA: all sharded
     for name in (shard_name(0, 2), shard_name(1, 2), "state.safetensors"):  # latest: hard links, no copy
         assert (folder / LATEST_NAME / name).samefile(folder / step_name(STEPS) / name)
     state = load_checkpoint_state(folder / LATEST_NAME)

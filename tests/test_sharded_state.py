@@ -196,3 +196,22 @@ def test_extra_metadata_cannot_replace_the_formats_own_entries(tmp_path: Path) -
     with pytest.raises(ValueError, match="may not replace the format's own entries"):
         save_state({}, tmp_path / "x.safetensors", metadata={"checksum": "none"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_callback_links_and_rotates_whole_folders(tmp_path: Path) -> None:
+    from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+    from detector.topk import LATEST_NAME, best_name, step_name
+
+    callback = SafetensorsTopKCheckpoint(dirpath=str(tmp_path))
+    for step in (1, 2):
+        for name in (INDEX_NAME, STATE_NAME, shard_name(0, 2), shard_name(1, 2)):
+            (tmp_path / step_name(step) / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / step_name(step) / name).write_text(f"{step} {name}")
+    callback._link_and_rotate(tmp_path / step_name(1), [LATEST_NAME], [])
+    callback._link_and_rotate(tmp_path / step_name(2), [LATEST_NAME, best_name("val_f1")], [step_name(1)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [step_name(2), LATEST_NAME, best_name("val_f1")]
+    )  # step 1 deleted, no temp left
+    for name in (INDEX_NAME, shard_name(1, 2)):
+        assert (tmp_path / LATEST_NAME / name).samefile(tmp_path / step_name(2) / name)
+        assert (tmp_path / best_name("val_f1") / name).samefile(tmp_path / step_name(2) / name)
