@@ -39,7 +39,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     Each checkpoint also holds every rank's RNG states (``rng_states``, indexed by global rank),
     restored on resume.
 
-    When: after a mid-epoch validation (top-K, best, latest); after an optimizer step (step files);
+    When: after a mid-epoch validation (top-K, best, latest); after an optimizer step (step files,
+    and latest at the step that reaches ``max_steps`` mid-epoch, so a longer resume continues it);
     at train epoch end (epoch files, and whatever the epoch's last batch or closing validation made
     due, so a resume starts from a completed epoch); at train end (latest, if that step is unsaved);
     on SIGTERM or a first Ctrl-C (latest, after the current batch; a second Ctrl-C stops at once,
@@ -147,14 +148,18 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step, every = trainer.global_step, self.every_n_train_steps
-        if self._skip(trainer) or every == 0 or step == 0 or step % every:
+        if self._skip(trainer) or step == 0 or step == self._saved_step:
             return
         name = step_name(step)
-        if name in self._tracker.steps.kept:  # gradient accumulation: several batches per step
-            return
-        self._tracker.add_step(name)
-        self._due.append(name)
-        if not trainer.is_last_batch:  # else saved once at train epoch end, at this same step
+        periodic = every > 0 and step % every == 0 and name not in self._tracker.steps.kept
+        if periodic:  # (a name already kept: gradient accumulation, several batches per step)
+            self._tracker.add_step(name)
+            self._due.append(name)
+        # The step that reaches max_steps mid-epoch ends the run: saved here, the loops' state says
+        # "mid-epoch", and a resume with a larger max_steps continues the epoch (at train end
+        # Lightning has already counted the cut-short epoch as completed).
+        last_step = trainer.max_steps not in (None, -1) and step >= trainer.max_steps
+        if (periodic or last_step) and not trainer.is_last_batch:  # else saved at train epoch end
             self._save(trainer)
 
     @override
@@ -177,7 +182,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._skip(trainer):
+        # An epoch cut short (max_steps, a stop request) is not a completed epoch: no epoch file, and
+        # its state was saved mid-epoch at its last step or validation.
+        if self._skip(trainer) or not trainer.is_last_batch:
             return
         self._register_epoch(trainer)
         if self._due or self._changed:

@@ -9,6 +9,7 @@ import torch
 
 from callbacks.ema import EMACallback
 from detector.cli import build_cli
+from detector.state_format import load_state
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
@@ -84,3 +85,36 @@ def test_resume_from_any_step_equals_the_straight_run(tmp_path, straight, module
     losses = logged_losses(tmp_path / "resumed")
     assert sorted(losses) == list(range(step, 24))
     assert {s: expected_losses[s] for s in losses} == losses
+
+
+@pytest.mark.slow
+def test_max_steps_stop_mid_epoch_saves_the_mid_epoch_state_and_resume_continues_it(
+    tmp_path, module_demo_files
+):
+    # The step-7 file of a run saving every step is the known-exact mid-epoch state (tests above).
+    stop = ("--trainer.max_steps", "7")
+    fit(tmp_path / "latest_only", module_demo_files, *stop, "--checkpoint.every_n_train_steps", "0")
+    fit(tmp_path / "every_step", module_demo_files, *stop)
+    latest = tmp_path / "latest_only/outputs/checkpoints/checkpoint_latest.safetensors"
+    saved = load_state(latest)
+    reference = load_state(tmp_path / "every_step/outputs/checkpoints/checkpoint_step_7.safetensors")
+    assert saved["loops"] == reference["loops"] and saved["global_step"] == 7
+    for part in ("state_dict", "optimizer_states", "lr_schedulers", "rng_states"):
+        got, want = _tensors(saved[part]), _tensors(reference[part])
+        assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items()), part
+    cli = fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(latest))
+    assert cli.trainer.global_step == 24  # the rest of epoch 0 included: 12 batches an epoch, 2 epochs
+    assert sorted(logged_losses(tmp_path / "resumed")) == list(range(7, 24))
+
+
+def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, list | tuple)
+        else []
+    )
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}.{key}").items()}
