@@ -93,3 +93,14 @@ def save_forever(path: str, first_version: int, ready: Any) -> None:
         save_state(state, path)
         ready.set()
         version += 1
+
+
+def save_sharded_forever(path: str, first_version: int, ready: Any) -> None:
+    """Crash-test child: save a ~20 MB state as a sharded folder at ``path`` again and again."""
+    from detector.sharded_state import save_sharded_state
+
+    version = first_version
+    while True:
+        save_sharded_state({"version": version, "w": torch.full((5_000_000,), float(version))}, path)
+        ready.set()
+        version += 1

@@ -215,3 +215,34 @@ def test_checkpoint_callback_links_and_rotates_whole_folders(tmp_path: Path) -> 
     for name in (INDEX_NAME, shard_name(1, 2)):
         assert (tmp_path / LATEST_NAME / name).samefile(tmp_path / step_name(2) / name)
         assert (tmp_path / best_name("val_f1") / name).samefile(tmp_path / step_name(2) / name)
+
+
+def test_a_sharded_latest_stays_loadable_when_the_writer_is_killed_at_any_moment(tmp_path: Path) -> None:
+    """SIGKILL a process that keeps replacing a sharded folder; each time the folder is whole and verifies."""
+    import multiprocessing
+    import time
+
+    from detector.atomic import clean_stale_temps
+    from tests.state_helpers import save_sharded_forever
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["detector.sharded_state", "tests.state_helpers"])
+    path, version, killed_mid_write = tmp_path / "checkpoint_latest.safetensors", 0, 0
+    for delay in [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4]:
+        ready = context.Event()
+        child = context.Process(
+            target=save_sharded_forever, args=(str(path), version + 1, ready), daemon=True
+        )
+        child.start()
+        assert ready.wait(timeout=60), "the child never completed a save"
+        time.sleep(delay)
+        child.kill()
+        child.join()
+        verify_sharded_state(path)
+        state = load_sharded_state(path)
+        assert state["version"] > version
+        version = state["version"]
+        assert torch.equal(state["w"], torch.full((5_000_000,), float(version)))
+        killed_mid_write += len(clean_stale_temps(tmp_path))
+        assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert killed_mid_write > 0  # some kills did land inside a write
