@@ -246,3 +246,17 @@ def test_a_sharded_latest_stays_loadable_when_the_writer_is_killed_at_any_moment
         killed_mid_write += len(clean_stale_temps(tmp_path))
         assert [p.name for p in tmp_path.iterdir()] == [path.name]
     assert killed_mid_write > 0  # some kills did land inside a write
+
+
+def test_async_save_is_refused_for_sharded_checkpoints(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+    from detector.checkpoint_io import SafetensorsCheckpointIO
+
+    strategy = SimpleNamespace(checkpoint_io=SafetensorsCheckpointIO(), saves_sharded=True)
+    trainer = SimpleNamespace(strategy=strategy, is_global_zero=True)
+    callback = SafetensorsTopKCheckpoint(dirpath=str(tmp_path), async_save=True)
+    with pytest.raises(ValueError, match=r"async_save is not supported with sharded checkpoints"):
+        callback.setup(trainer, None, "fit")
+    SafetensorsTopKCheckpoint(dirpath=str(tmp_path)).setup(trainer, None, "fit")  # sync: fine
