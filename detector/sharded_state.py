@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -260,7 +261,10 @@ def _check_tiling(folder: Path, index: Mapping[str, Any]) -> None:
 
 
 def _assemble(folder: Path, index: Mapping[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
-    """Whole CPU tensors for ``keys``, copied together from their chunks."""
+    """Whole CPU tensors for ``keys``, copied together from their chunks (files verified beforehand).
+
+    Only those chunks are read (safetensors' ``safe_open``), not the rest of each shard file.
+    """
     if not keys:
         return {}
     full = {
@@ -269,8 +273,9 @@ def _assemble(folder: Path, index: Mapping[str, Any], keys: list[str]) -> dict[s
     }
     chunks = _chunks(folder, index)
     for name in index["shards"]:
-        shard = load_state(folder / name)
-        for key in keys:
-            for _, offset, size in (c for c in chunks[key] if c[0] == name):
-                full[key][tuple(slice(o, o + s) for o, s in zip(offset, size, strict=True))] = shard[key]
+        with safe_open(str(folder / name), framework="pt") as shard:
+            for key in keys:
+                for _, offset, size in (c for c in chunks[key] if c[0] == name):
+                    where = tuple(slice(o, o + s) for o, s in zip(offset, size, strict=True))
+                    full[key][where] = shard.get_tensor(key)
     return full
