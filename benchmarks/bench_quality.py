@@ -11,9 +11,17 @@ The split files are written under ``--out`` at run time (never into the reposito
 model is the final one (no checkpoint selection on the evaluation data). Each setting gets a full
 report folder (``detector.report.write_report``) and the script prints one table::
 
-    python benchmarks/bench_quality.py --out /tmp/bench_quality            # about 1 h on 2 CPU cores
+    python benchmarks/bench_quality.py --out /tmp/bench_quality --threads 1  # about 20 min, 2 cores
     python benchmarks/bench_quality.py --settings in_domain --max-steps 50  # a quick smoke run
     python benchmarks/bench_quality.py --settings in_domain --no-time-cap   # every epoch, however busy
+    python benchmarks/bench_quality.py --settings select --model.arch.num_hidden_layers 2  # tuning
+
+Arguments the script does not know go to the recipe's command line (``--model.*``, ``--data.*``,
+``--trainer.*``, ``--config extra.yaml``). The ``select`` setting trains on nine tenths of
+``train.jsonl`` and validates and evaluates on the other tenth (split by ``group``, seeded): tune
+there, and keep ``val.jsonl`` and ``pubmed`` for the final comparison. When the recipe has an
+``EMACallback``, the final model scored is its EMA weights (what ``export`` ships and validation
+measured).
 """
 
 from __future__ import annotations
@@ -26,14 +34,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from callbacks.ema import EMACallback  # noqa: E402
 from detector.baseline import train_baseline  # noqa: E402
 from detector.cli import build_cli  # noqa: E402
 from detector.evaluate_cmd import score_checkpoint  # noqa: E402
 from detector.records import read_records  # noqa: E402
 from detector.report import write_report  # noqa: E402
+from detector.splits import stratified_group_split  # noqa: E402
 
 DATA = (REPO / "../shared/data/fdgpt_family").resolve()
 RECIPE = REPO / "configs/cpu_recipe.yaml"
@@ -53,10 +65,17 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def settings(out: Path) -> dict[str, dict[str, Path]]:
-    """``{setting: {"train", "val", "eval"}}`` paths; the held-out split files are written to ``out``."""
+    """``{setting: {"train", "val", "eval"}}`` paths; the split files are written to ``out``."""
     train, val = read_rows(DATA / "train.jsonl"), read_rows(DATA / "val.jsonl")
     splits = out / "splits"
+    fit, held = stratified_group_split([r["label"] for r in train], [r["group"] for r in train], 0.1, 0)
+    select = write_rows(splits / "train_select_val.jsonl", [train[i] for i in held])
     return {
+        "select": {
+            "train": write_rows(splits / "train_select_fit.jsonl", [train[i] for i in fit]),
+            "val": select,
+            "eval": select,
+        },
         "in_domain": {"train": DATA / "train.jsonl", "val": DATA / "val.jsonl", "eval": DATA / "val.jsonl"},
         f"heldout_{HELDOUT}": {
             "train": write_rows(
@@ -93,6 +112,10 @@ def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tup
     cli = build_cli(args, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    ema = next((cb for cb in cli.trainer.callbacks if isinstance(cb, EMACallback)), None)
+    if ema is not None and ema.num_updates:
+        # Score what a bundle ships (``export`` takes the EMA by default) and what validation measured.
+        cli.model.load_state_dict(ema.averaged_state_dict())
     checkpoint = workdir / "final.safetensors"
     cli.trainer.save_checkpoint(checkpoint)
     print(f"{workdir.name}: {cli.trainer.global_step} steps, {cli.trainer.current_epoch} epochs", flush=True)
@@ -102,6 +125,7 @@ def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tup
 def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     extra = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     extra += ["--trainer.max_time", "null"] if args.no_time_cap else []
+    extra += args.recipe_args
     checkpoint, train_seconds, train_cpu = train_recipe(paths, out / name, extra)
     records = read_records(paths["eval"])
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -142,20 +166,33 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_quality"))
-    parser.add_argument("--settings", nargs="+", default=None, help="in_domain and/or heldout_pubmed")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["in_domain", f"heldout_{HELDOUT}"],
+        help="in_domain, heldout_pubmed, and/or select (a group-wise tenth of train.jsonl, for tuning)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); on 2 cores shared with other jobs, 1 is much faster",
+    )
     parser.add_argument("--max-steps", type=int, default=0, help="cap the recipe's steps (smoke runs)")
     parser.add_argument(
         "--no-time-cap",
         action="store_true",
         help="drop the recipe's 30-minute wall-clock cap (a loaded machine then still runs every epoch)",
     )
-    args = parser.parse_args()
+    args, args.recipe_args = parser.parse_known_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out.resolve()
     chosen = settings(out)
     results = {}
     for name, paths in chosen.items():
-        if args.settings is None or name in args.settings:
+        if name in args.settings:
             results[name] = run_setting(name, paths, out, args)
             print(f"\n{name}: {json.dumps(results[name]['train_seconds'])}", flush=True)
             print(table({name: results[name]}), flush=True)
