@@ -23,6 +23,7 @@ import json
 import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from detector.atomic import fsync_dir, replace_dir, temp_path_for
-from detector.collective import barrier, broadcast, collectively, rank_world
+from detector.collective import broadcast, collectively, rank_world
 from detector.state_format import CheckpointFormatError, load_state, read_header, save_state, verify_state
 from detector.state_tree import DTYPE_CODES
 
@@ -130,10 +131,11 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
     rest, sharded = split_sharded(state)
     tmp = Path(broadcast(str(temp_path_for(folder))))
 
-    def write() -> None:
+    def create() -> None:
         if rank == 0:
             (tmp / SHARDS_DIR).mkdir(parents=True)
-        barrier()
+
+    def write() -> None:
         chunks = {key: chunk for key, t in sharded.items() if (chunk := local_chunk(t)) is not None}
         offsets = {key: {"saved_offsets": offset} for key, (_, offset) in chunks.items()}
         tensors = {key: tensor for key, (tensor, _) in chunks.items()}
@@ -143,11 +145,17 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
             index = _index(world_size, sharded)
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
 
-    collectively(write, f"saving {folder}", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
-    if rank == 0:
-        fsync_dir(tmp / SHARDS_DIR)
-        replace_dir(tmp, folder)
-    barrier()
+    def commit() -> None:
+        if rank == 0:
+            fsync_dir(tmp / SHARDS_DIR)
+            replace_dir(tmp, folder)
+
+    # Each step is agreed on by every rank (an all-gather of errors), so a rank that fails never leaves
+    # the others waiting in a collective, and the folder is committed only once every rank's file is.
+    cleanup = partial(shutil.rmtree, tmp, ignore_errors=True)
+    collectively(create, f"creating {tmp}", cleanup=cleanup)
+    collectively(write, f"saving {folder}", cleanup=cleanup)
+    collectively(commit, f"committing {folder}", cleanup=cleanup)
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
@@ -204,8 +212,11 @@ def load_sharded_state(folder: str | Path, targets: Mapping[str, DTensor] | None
         CheckpointFormatError: for a damaged folder (on every rank), or a target the checkpoint lacks.
     """
     folder = Path(folder)
-    rank, world_size = rank_world() if targets else (0, 1)
-    collectively(lambda: verify_sharded_state(folder, (rank, world_size)), f"verifying {folder}")
+    if targets:  # every rank verifies a share of the files; all raise if any file is damaged
+        rank, world_size = rank_world()
+        collectively(lambda: verify_sharded_state(folder, (rank, world_size)), f"verifying {folder}")
+    else:  # no collective: callable from one rank alone
+        verify_sharded_state(folder)
     index = read_index(folder)
     missing = sorted(set(targets or {}) - set(index["tensors"]))
     if missing:
