@@ -72,3 +72,26 @@ def load_worker(rank: int, world_size: int, port: int, folder: str, out: str) ->
             save_file({**full, "extras_same_objects": torch.tensor(same)}, out)
     finally:
         dist.destroy_process_group()
+
+
+def failing_save_worker(rank: int, world_size: int, port: int, folder: str) -> None:
+    """Rank 1's disk fails while writing its shard; every rank writes the error it got to ``folder.rankN``."""
+    from detector import sharded_state
+
+    init(rank, world_size, port)
+    try:
+        model, optimizer = sharded_toy(0)
+        if rank == 1:
+
+            def disk_full(*args: object, **kwargs: object) -> None:
+                raise OSError(28, "No space left on device")
+
+            sharded_state.save_state = disk_full  # type: ignore[assignment]
+        try:
+            save_sharded_state(training_state(model, optimizer), Path(folder))
+            message = "saved"
+        except Exception as err:  # recorded for the test to check
+            message = f"{type(err).__name__}: {err}"
+        Path(f"{folder}.rank{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()
