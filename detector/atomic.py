@@ -54,8 +54,7 @@ def commit_file(tmp: Path, final: Path) -> None:
         ValueError: if ``tmp`` and ``final`` are in different folders (the rename would not be atomic).
     """
     tmp, final = Path(tmp), Path(final)
-    if tmp.parent.resolve() != final.parent.resolve():
-        raise ValueError(f"temp file {tmp} must be in the folder of {final} for an atomic rename")
+    _require_same_folder(tmp, final, "file")
     fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -70,12 +69,7 @@ def atomic_link(src: Path, final: Path) -> None:
     src, final = Path(src), Path(final)
     tmp = temp_path_for(final)
     try:
-        try:
-            os.link(src, tmp)
-        except OSError as err:
-            if err.errno not in _NO_LINK_ERRNOS:
-                raise
-            shutil.copyfile(src, tmp)
+        _link_or_copy(src, tmp)
         commit_file(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -95,8 +89,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
         ValueError: if ``tmp`` and ``final`` are in different folders (the rename would not be atomic).
     """
     tmp, final = Path(tmp), Path(final)
-    if tmp.parent.resolve() != final.parent.resolve():
-        raise ValueError(f"temp folder {tmp} must be in the folder of {final} for an atomic rename")
+    _require_same_folder(tmp, final, "folder")
     fsync_dir(tmp)
     if not final.exists():
         os.rename(tmp, final)
@@ -123,12 +116,7 @@ def link_tree(src: Path, final: Path) -> None:
             if path.is_dir():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, target)
-            except OSError as err:
-                if err.errno not in _NO_LINK_ERRNOS:
-                    raise
-                shutil.copyfile(path, target)
+            _link_or_copy(path, target)
         for folder in sorted({p.parent for p in tmp.rglob("*")}, reverse=True):
             fsync_dir(folder)
         replace_dir(tmp, final)
@@ -152,6 +140,21 @@ def remove_path(path: Path) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _require_same_folder(tmp: Path, final: Path, kind: str) -> None:
+    if tmp.parent.resolve() != final.parent.resolve():
+        raise ValueError(f"temp {kind} {tmp} must be in the folder of {final} for an atomic rename")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` as ``dst``; copy where the filesystem refuses hard links."""
+    try:
+        os.link(src, dst)
+    except OSError as err:
+        if err.errno not in _NO_LINK_ERRNOS:
+            raise
+        shutil.copyfile(src, dst)
 
 
 def _exchange(a: Path, b: Path) -> bool:
