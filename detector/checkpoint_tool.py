@@ -18,7 +18,8 @@ import torch
 from detector.checkpoint_files import read_checkpoint_header, verify_checkpoint
 from detector.sharded_state import fill_sharded, is_sharded_checkpoint, read_index, state_file
 from detector.state_format import CheckpointFormatError, TensorInfo, save_state, verify_state
-from detector.state_tree import DTYPE_CODES
+from detector.state_tree import DTYPES_BY_CODE
+from detector.summary import disk_usage
 
 _SCALARS = (int, float, bool, str, type(None))
 
@@ -35,9 +36,7 @@ def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(Path(folder).glob("*.safetensors")):
         sharded = path.is_dir()
-        size = (
-            sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if sharded else path.stat().st_size
-        )
+        size = disk_usage(path) if sharded else path.stat().st_size
         row: dict[str, Any] = {"file": path.name + "/" * sharded, "bytes": size, "error": None}
         try:
             header = read_checkpoint_header(path)
@@ -97,7 +96,7 @@ def describe_checkpoint(path: str | Path, max_items: int = 50) -> str:
 
 
 def _sharded_info(key: str, entry: Mapping[str, Any]) -> TensorInfo:
-    dtype = {code: dtype for dtype, code in DTYPE_CODES.items()}[entry["dtype"]]
+    dtype = DTYPES_BY_CODE[entry["dtype"]]
     nbytes = math.prod(entry["shape"]) * dtype.itemsize
     return TensorInfo(key, dtype, tuple(entry["shape"]), 0, nbytes)
 

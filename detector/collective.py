@@ -1,4 +1,4 @@
-"""Collectives that also run in one process without a process group: rank, barrier, broadcast, errors."""
+"""Collectives that also run in one process without a process group: rank, broadcast, agreed errors."""
 
 from __future__ import annotations
 
@@ -15,12 +15,6 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def barrier() -> None:
-    """``dist.barrier()`` when there are several ranks."""
-    if rank_world()[1] > 1:
-        dist.barrier()
 
 
 def broadcast(value: Any) -> Any:

@@ -98,16 +98,6 @@ def _lerp_groups(targets: list[Tensor], averages: list[Tensor]) -> list[list[int
     return [group for group in (direct, *chunks) if group]
 
 
-def _gather(average: Tensor, target: Tensor) -> Tensor:
-    if not isinstance(target, DTensor):
-        return average.detach()
-    mesh = target.device_mesh
-    sharded = DTensor.from_local(
-        average.to(mesh.device_type), mesh, target.placements, shape=target.shape, stride=target.stride()
-    )
-    return sharded.full_tensor().cpu()  # one full tensor at a time on the accelerator
-
-
 def _shard(average: Tensor, target: Tensor) -> Tensor:
     if not isinstance(target, DTensor):
         return average.detach()
@@ -115,6 +105,13 @@ def _shard(average: Tensor, target: Tensor) -> Tensor:
     return DTensor.from_local(
         average.to(mesh.device_type), mesh, target.placements, shape=target.shape, stride=target.stride()
     )
+
+
+def _gather(average: Tensor, target: Tensor) -> Tensor:
+    sharded = _shard(average, target)
+    if not isinstance(sharded, DTensor):
+        return sharded
+    return sharded.full_tensor().cpu()  # one full tensor at a time on the accelerator
 
 
 class ExponentialMovingAverage:

@@ -35,7 +35,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from detector.atomic import fsync_dir, replace_dir, temp_path_for
 from detector.collective import broadcast, collectively, rank_world
 from detector.state_format import CheckpointFormatError, load_state, read_header, save_state, verify_state
-from detector.state_tree import DTYPE_CODES
+from detector.state_tree import DTYPE_CODES, DTYPES_BY_CODE
 
 FORMAT = "detector.sharded-state"
 FORMAT_VERSION = 1
@@ -44,7 +44,6 @@ STATE_NAME = "state.safetensors"
 SHARDS_DIR = "shards"
 SHARDED_TAG = "__sharded_tensor__"
 OFFSETS_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
-_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -279,7 +278,7 @@ def _assemble(folder: Path, index: Mapping[str, Any], keys: list[str]) -> dict[s
     if not keys:
         return {}
     full = {
-        k: torch.zeros(index["tensors"][k]["shape"], dtype=_DTYPES[index["tensors"][k]["dtype"]])
+        k: torch.zeros(index["tensors"][k]["shape"], dtype=DTYPES_BY_CODE[index["tensors"][k]["dtype"]])
         for k in keys
     }
     chunks = _chunks(folder, index)

@@ -28,14 +28,13 @@ from typing import Any
 import torch
 
 from detector.piece_io import PIECE_DIGESTS
-from detector.state_tree import DTYPE_CODES, CheckpointFormatError
+from detector.state_tree import DTYPE_CODES, DTYPES_BY_CODE, CheckpointFormatError
 
 FORMAT_NAME = "detector.state"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 100_000_000  # the same bound safetensors itself enforces
 CHECKSUM_FIELD = b'"checksum":"'
 _PLACEHOLDER = b"0" * 64
-_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _PICKLE_REFUSED = (
     "a pickle file (torch.save / Lightning .ckpt), not a safetensors checkpoint; it was not loaded."
     " Convert a trusted .ckpt explicitly: `python -m detector checkpoints convert IN.ckpt OUT.safetensors`"
@@ -182,7 +181,11 @@ def _parse_tensors(header: dict[str, Any], path: Path) -> list[TensorInfo]:
     infos = []
     for name, entry in header.items():
         try:
-            dtype, shape, (start, end) = _DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape, (start, end) = (
+                DTYPES_BY_CODE[entry["dtype"]],
+                tuple(entry["shape"]),
+                entry["data_offsets"],
+            )
             valid = all(type(n) is int and n >= 0 for n in (*shape, start, end))
         except (KeyError, TypeError, ValueError) as err:
             raise fail(path, f"malformed header entry for tensor {name!r}: {err!r}") from err

@@ -43,6 +43,7 @@ DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
     torch.complex64: "C64",
 }
+DTYPES_BY_CODE: dict[str, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _NUMPY_KINDS = "biufc"  # bool, signed, unsigned, float, complex: the kinds a tensor can hold
 _SCALAR_KINDS = "biufcUS"
 _PATH_TYPES = {cls.__name__: cls for cls in (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path)}

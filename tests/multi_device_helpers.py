@@ -64,7 +64,13 @@ def tensors(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a nested state, by dotted path."""
     if isinstance(state, torch.Tensor):
         return {prefix: state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else []
+    items = (
+        state.items()
+        if isinstance(state, dict)
+        else enumerate(state)
+        if isinstance(state, list | tuple)
+        else []
+    )
     found: dict[str, torch.Tensor] = {}
     for key, value in items:
         found |= tensors(value, f"{prefix}.{key}" if prefix else str(key))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multi_device_helpers import tensors
 
 from callbacks.ema import EMACallback
 from detector.cli import build_cli
@@ -100,21 +101,8 @@ def test_max_steps_stop_mid_epoch_saves_the_mid_epoch_state_and_resume_continues
     reference = load_state(tmp_path / "every_step/outputs/checkpoints/checkpoint_step_7.safetensors")
     assert saved["loops"] == reference["loops"] and saved["global_step"] == 7
     for part in ("state_dict", "optimizer_states", "lr_schedulers", "rng_states"):
-        got, want = _tensors(saved[part]), _tensors(reference[part])
+        got, want = tensors(saved[part]), tensors(reference[part])
         assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items()), part
     cli = fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(latest))
     assert cli.trainer.global_step == 24  # the rest of epoch 0 included: 12 batches an epoch, 2 epochs
     assert sorted(logged_losses(tmp_path / "resumed")) == list(range(7, 24))
-
-
-def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
-    if isinstance(state, torch.Tensor):
-        return {prefix: state}
-    items = (
-        state.items()
-        if isinstance(state, dict)
-        else enumerate(state)
-        if isinstance(state, list | tuple)
-        else []
-    )
-    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}.{key}").items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from multi_device_helpers import tensors
 from safetensors.torch import load_file
 
 from detector.atomic import TEMP_MARKER
@@ -96,19 +97,9 @@ def test_two_rank_save_writes_one_folder_with_index_state_and_a_shard_per_rank(s
 @pytest.mark.slow
 def test_assembled_load_equals_the_unsharded_training(saved: Path, reference) -> None:
     state = load_sharded_state(saved)
-    _, tensors = _all_tensors(state)
+    found = tensors(state)
     for key, value in reference.items():
-        torch.testing.assert_close(tensors[key], value, rtol=1e-5, atol=1e-6, msg=key)
-
-
-def _all_tensors(state, prefix=()) -> tuple[None, dict[str, torch.Tensor]]:
-    if torch.is_tensor(state):
-        return None, {".".join(map(str, prefix)): state}
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else []
-    found = {}
-    for key, value in items:
-        found |= _all_tensors(value, (*prefix, key))[1]
-    return None, found
+        torch.testing.assert_close(found[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
