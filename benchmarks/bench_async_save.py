@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.backbone import build_classifier
-from detector.checkpoint_io import SafetensorsCheckpointIO
-from detector.state_format import save_state, snapshot_state
+from detector.checkpoint.format import save_state, snapshot_state
+from detector.checkpoint.plugin import SafetensorsCheckpointIO
 
 # DeBERTa-v3-base: 184M parameters; with AdamW's two moments the state is about 2.2 GB.
 BASE_ARCH = {

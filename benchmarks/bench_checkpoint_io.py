@@ -95,7 +95,7 @@ def build_state(size: str) -> dict[str, Any]:
 def _tensor_bytes(state: Any) -> int:
     import torch
 
-    from detector.state_format import flatten_state
+    from detector.checkpoint.format import flatten_state
 
     tensors, _ = flatten_state(state)
     return sum(t.numel() * t.element_size() for t in tensors.values() if isinstance(t, torch.Tensor))
@@ -103,7 +103,7 @@ def _tensor_bytes(state: Any) -> int:
 
 def _touch(state: Any) -> None:
     """Read one element per 4 KiB page of every tensor, so lazily mapped data is really loaded."""
-    from detector.state_format import flatten_state
+    from detector.checkpoint.format import flatten_state
 
     tensors, _ = flatten_state(state)
     for tensor in tensors.values():
@@ -148,7 +148,7 @@ def _worker(size: str, folder: Path) -> None:
     import torch
 
     from detector.atomic import fsync_file
-    from detector.state_format import load_state, save_state, snapshot_state, verify_state
+    from detector.checkpoint.format import load_state, save_state, snapshot_state, verify_state
 
     state = build_state(size)
     nbytes = _tensor_bytes(state)

@@ -9,7 +9,7 @@ Two settings, each trained from scratch on the CPU and evaluated on data it neve
 
 The split files are written under ``--out`` at run time (never into the repository). The recipe
 model is the final one (no checkpoint selection on the evaluation data). Each setting gets a full
-report folder (``detector.report.write_report``) and the script prints one table::
+report folder (``detector.evaluation.report.write_report``) and the script prints one table::
 
     python benchmarks/bench_quality.py --out /tmp/bench_quality --threads 1  # about 20 min, 2 cores
     python benchmarks/bench_quality.py --settings in_domain --max-steps 50  # a quick smoke run
@@ -40,11 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from callbacks.ema import EMACallback  # noqa: E402
-from detector.baseline import train_baseline  # noqa: E402
 from detector.cli import build_cli  # noqa: E402
-from detector.evaluate_cmd import score_checkpoint  # noqa: E402
+from detector.commands.evaluate import score_checkpoint  # noqa: E402
+from detector.evaluation.baseline import train_baseline  # noqa: E402
+from detector.evaluation.report import write_report  # noqa: E402
 from detector.records import read_records  # noqa: E402
-from detector.report import write_report  # noqa: E402
 from detector.splits import stratified_group_split  # noqa: E402
 
 DATA = (REPO / "../shared/data/fdgpt_family").resolve()

@@ -1,6 +1,6 @@
 """Scoring throughput of a bundle on the CPU: PyTorch eager vs ONNX Runtime, texts per second.
 
-Both backends score the same real texts through ``detector.inference.load_detector`` in one
+Both backends score the same real texts through ``detector.bundle.loading.load_detector`` in one
 process, alternating which goes first in each repeat; the report gives each repeat, the medians
 and the median of the per-repeat ratios (ONNX / PyTorch).
 
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from detector.backbone import build_classifier  # noqa: E402
-from detector.bundle import write_bundle  # noqa: E402
-from detector.inference import Detector, load_detector  # noqa: E402
+from detector.bundle.loading import Detector, load_detector  # noqa: E402
+from detector.bundle.writer import write_bundle  # noqa: E402
 from detector.tokenizer import train_tokenizer  # noqa: E402
 
 DATA = REPO / "../shared/data/fdgpt_family/val.jsonl"

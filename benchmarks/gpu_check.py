@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import DebertaV2Config
 
 from detector.backbone import architecture_config
-from detector.checkpoint_io import SafetensorsCheckpointIO
+from detector.checkpoint.format import load_state
+from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.module import DetectorModule
-from detector.state_format import load_state
 
 BASE_ARCH: dict[str, Any] = {
     "hidden_size": 768,

@@ -16,8 +16,7 @@ from transformers import PreTrainedModel
 from typing_extensions import override
 
 from detector.atomic import clean_stale_temps
-from detector.bundle import BundleExistsError, write_bundle
-from detector.export import (
+from detector.bundle.export import (
     ValidationScores,
     bundle_name,
     choose_threshold,
@@ -26,7 +25,8 @@ from detector.export import (
     remove_bundle,
     validate_version,
 )
-from detector.thresholds import DEFAULT_TARGET_FPR
+from detector.bundle.thresholds import DEFAULT_TARGET_FPR
+from detector.bundle.writer import BundleExistsError, write_bundle
 
 
 class InferenceExportCallback(Callback):
@@ -34,10 +34,10 @@ class InferenceExportCallback(Callback):
     ``monitor`` improves (or every ``every_n_epochs`` epochs) and ``model_v{version}_final/`` when
     ``fit`` ends, keeping at most ``keep_last`` epoch bundles.
 
-    Each bundle is written by :func:`detector.bundle.write_bundle` (atomic, never overwritten): the
+    Each bundle is written by :func:`detector.bundle.writer.write_bundle` (atomic, never overwritten): the
     EMA weights when a callback with ``averaged_state_dict()`` is present, else the module's; the
     threshold for ``target_fpr`` from the module's ``last_val_scores()`` (see
-    :class:`detector.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
+    :class:`detector.bundle.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
     the 0-based ``trainer.current_epoch``; at most one bundle per epoch. A run refuses to start
     when bundles of ``version`` it did not write already exist: bump the version. At the start of
     ``fit``, global rank zero removes the hidden temp folders a killed export left in ``dirpath``

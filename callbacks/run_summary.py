@@ -15,8 +15,8 @@ from typing_extensions import override
 
 from callbacks.inference_export import InferenceExportCallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.export import bundle_name
-from detector.summary import build_summary, checkpoint_section, summary_table, unique, write_summary
+from detector.bundle.export import bundle_name
+from detector.run_summary import build_summary, checkpoint_section, summary_table, unique, write_summary
 
 
 class RunSummary(Callback):

@@ -15,26 +15,33 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
-from detector.background import BackgroundWriteError, SerialJobs
-from detector.checkpoint_io import SafetensorsCheckpointIO
-from detector.interrupt import GracefulSigint
-from detector.loader import apply_pending_loader_states
-from detector.rng import capture_rng_state, restore_rng_state
-from detector.state_format import save_state, snapshot_state
-from detector.topk import LATEST_NAME, CheckpointTracker, Mode, best_name, epoch_name, step_name, top_k_name
+from detector.checkpoint.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint.format import save_state, snapshot_state
+from detector.checkpoint.interrupt import GracefulSigint
+from detector.checkpoint.plugin import SafetensorsCheckpointIO
+from detector.checkpoint.rng import capture_rng_state, restore_rng_state
+from detector.checkpoint.topk import (
+    LATEST_NAME,
+    CheckpointTracker,
+    Mode,
+    best_name,
+    epoch_name,
+    step_name,
+    top_k_name,
+)
 
 
 class SafetensorsTopKCheckpoint(Checkpoint):
     """Keeps the latest, the best, the top K and periodic checkpoints of a run, in the safetensors format.
 
-    Files in ``dirpath`` (names from :mod:`detector.topk`): ``checkpoint_latest.safetensors`` (every
+    Files in ``dirpath`` (names: :mod:`detector.checkpoint.topk`): ``checkpoint_latest.safetensors`` (every
     save), ``checkpoint_best_{monitor}.safetensors``, ``checkpoint_top_epoch_E_step_S_{monitor}_X.XXXX``
     (the ``save_top_k`` best), ``checkpoint_epoch_N`` (every ``every_n_epochs``, last
     ``keep_last_epochs`` kept) and ``checkpoint_step_N`` (every ``every_n_train_steps`` optimizer steps,
     last ``keep_last_steps`` kept). A state is written once; its other names are hard links. A new
     file is committed before any old one is deleted. Under a strategy that saves sharded checkpoints
-    (:class:`~detector.model_parallel.SafetensorsModelParallelStrategy` with
-    ``save_distributed_checkpoint=True``) each name is a folder (:mod:`detector.sharded_state`) that
+    (:class:`~detector.checkpoint.strategy.SafetensorsModelParallelStrategy` with
+    ``save_distributed_checkpoint=True``) each name is a folder (:mod:`detector.checkpoint.sharded`) that
     every rank writes into, its other names folders of hard links, replaced and deleted atomically.
     Each checkpoint also holds every rank's RNG states (``rng_states``, indexed by global rank),
     restored on resume.
@@ -55,7 +62,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         .. code-block:: yaml
 
             trainer:
-              plugins: [detector.checkpoint_io.SafetensorsCheckpointIO]
+              plugins: [detector.checkpoint.plugin.SafetensorsCheckpointIO]
               callbacks:
                 - class_path: callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint
                   init_args: {monitor: val_f1, mode: max, save_top_k: 3, every_n_train_steps: 500}
@@ -134,7 +141,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        apply_pending_loader_states(trainer)
         if trainer.is_global_zero and self._resume_deletions:
             for name in self._resume_deletions:
                 remove_path(self.dirpath / name)

@@ -9,10 +9,10 @@ from detector.cli import build_cli
 
 # Verbs beside LightningCLI's own: each module has ``main(argv) -> int``.
 TOOLS = {
-    "checkpoints": "detector.checkpoint_tool",
-    "export": "detector.export_cmd",
-    "score": "detector.score",
-    "evaluate": "detector.evaluate_cmd",
+    "checkpoints": "detector.commands.checkpoints",
+    "export": "detector.commands.export",
+    "score": "detector.commands.score",
+    "evaluate": "detector.commands.evaluate",
 }
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.checkpoint_files import read_checkpoint_header
+from detector.checkpoint.reader import read_checkpoint_header
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
@@ -22,7 +22,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "outputs", "name": "logs"},
     },
     # Every checkpoint is written and read as checksummed safetensors, never a pickle.
-    "plugins": [{"class_path": "detector.checkpoint_io.SafetensorsCheckpointIO"}],
+    "plugins": [{"class_path": "detector.checkpoint.plugin.SafetensorsCheckpointIO"}],
     # The data module shards and orders batches itself (resumable, a pure function of seed and epoch).
     "use_distributed_sampler": False,
 }

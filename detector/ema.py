@@ -202,7 +202,7 @@ class ExponentialMovingAverage:
         Args:
             sharded: ``False``: full CPU tensors, gathered from the shards (a collective). ``True``:
                 a sharded module's averages as DTensors over this rank's shards, without any
-                communication, for a sharded checkpoint (:mod:`detector.sharded_state`) to store.
+                communication, for a sharded checkpoint (:mod:`detector.checkpoint.sharded`) to store.
         """
         pick = _shard if sharded else _gather
         tensors = [pick(a, t) for a, t in zip(self._averages, self._targets, strict=True)]

@@ -11,7 +11,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import get_linear_schedule_with_warmup
 
 from detector.backbone import build_classifier
-from detector.checkpoint_io import SafetensorsLoadingMixin
+from detector.checkpoint.plugin import SafetensorsLoadingMixin
+from detector.loader import apply_pending_loader_states
 from detector.metrics import classification_metrics
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
@@ -63,6 +64,10 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         weights = datamodule.class_weights() if has_weights else None  # type: ignore[union-attr]
         if weights is not None:
             self.loss_weight.copy_(weights)
+
+    def on_train_start(self) -> None:
+        # Here, not in a checkpoint callback: mid-epoch resume must not depend on which one is used.
+        apply_pending_loader_states(self.trainer)
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2, each DeBERTa layer sharded, then the whole classifier."""

@@ -80,7 +80,7 @@ def checkpoint_tokenizer_files(checkpoint: Mapping[str, Any]) -> dict[str, str] 
 
     Args:
         checkpoint: a loaded checkpoint dict, or the ``state`` of its header
-            (:func:`detector.state_format.read_header`), which holds them without reading any tensor.
+            (:func:`detector.checkpoint.format.read_header`), which holds them without reading any tensor.
     """
     state = checkpoint.get(DATAMODULE_STATE) or {}
     return dict(state["tokenizer_files"]) if state.get("tokenizer_files") else None

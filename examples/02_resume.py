@@ -16,8 +16,8 @@ import shutil
 
 from common import WORK, data_args, demo_data
 
+from detector.checkpoint.format import read_header
 from detector.cli import build_cli
-from detector.state_format import read_header
 
 RUN = WORK / "resume"
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9}}]'

@@ -12,10 +12,15 @@ from __future__ import annotations
 
 from common import ensure_trained
 
-from detector.checkpoint_tool import describe_checkpoint, format_table, list_checkpoints, verify_checkpoints
-from detector.export import checkpoint_weights
+from detector.bundle.export import checkpoint_weights
+from detector.checkpoint.format import load_state, read_header
+from detector.commands.checkpoints import (
+    describe_checkpoint,
+    format_table,
+    list_checkpoints,
+    verify_checkpoints,
+)
 from detector.module import DetectorModule
-from detector.state_format import load_state, read_header
 
 
 def main() -> None:

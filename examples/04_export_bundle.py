@@ -14,7 +14,7 @@ import shutil
 
 from common import WORK, demo_data, ensure_trained
 
-from detector import export_cmd
+from detector.commands import export as export_cmd
 
 OUT = WORK / "export"
 NAME = "model_v1.1_best"

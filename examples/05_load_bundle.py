@@ -16,7 +16,7 @@ import torch
 from common import HERE, WORK
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-from detector.inference import load_detector
+from detector.bundle.loading import load_detector
 
 BUNDLE = WORK / "export" / "model_v1.1_best"
 TEXTS = [

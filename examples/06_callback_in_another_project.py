@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.ema import EMACallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.checkpoint_io import SafetensorsCheckpointIO, load_module_from_checkpoint
-from detector.state_format import load_state
+from detector.checkpoint.format import load_state
+from detector.checkpoint.plugin import SafetensorsCheckpointIO, load_module_from_checkpoint
 
 RUN = WORK / "another_project"
 

@@ -13,7 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from bundle_helpers import metadata, tiny_model, tiny_tokenizer
 
-from detector.bundle import write_bundle
+from detector.bundle.writer import write_bundle
 from detector.demo import demo_rows
 from detector.tokenizer import train_tokenizer
 

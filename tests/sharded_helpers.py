@@ -11,7 +11,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from detector.sharded_state import load_sharded_state, save_sharded_state, split_sharded
+from detector.checkpoint.sharded import load_sharded_state, save_sharded_state, split_sharded
 
 
 def toy_model() -> nn.Module:
@@ -76,7 +76,7 @@ def load_worker(rank: int, world_size: int, port: int, folder: str, out: str) ->
 
 def failing_save_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     """Rank 1's disk fails while writing its shard; every rank writes the error it got to ``folder.rankN``."""
-    from detector import sharded_state
+    from detector.checkpoint import sharded as sharded_state
 
     init(rank, world_size, port)
     try:

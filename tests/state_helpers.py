@@ -81,7 +81,7 @@ def assert_identical(actual: Any, expected: Any, where: str = "state") -> None:
 
 def save_forever(path: str, first_version: int, ready: Any) -> None:
     """Crash-test child: save a ~20 MB state to ``path`` again and again, filled with its version."""
-    from detector.state_format import save_state
+    from detector.checkpoint.format import save_state
 
     version = first_version
     while True:
@@ -97,7 +97,7 @@ def save_forever(path: str, first_version: int, ready: Any) -> None:
 
 def save_sharded_forever(path: str, first_version: int, ready: Any) -> None:
     """Crash-test child: save a ~20 MB state as a sharded folder at ``path`` again and again."""
-    from detector.sharded_state import save_sharded_state
+    from detector.checkpoint.sharded import save_sharded_state
 
     version = first_version
     while True:

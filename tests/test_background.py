@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from detector.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint.background import BackgroundWriteError, SerialJobs
 
 
 def test_inline_mode_runs_the_job_before_returning() -> None:

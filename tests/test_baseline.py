@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from detector.baseline import TfidfBaseline, train_baseline
 from detector.demo import demo_rows
-from detector.evaluation import point_metrics
+from detector.evaluation.baseline import TfidfBaseline, train_baseline
+from detector.evaluation.metrics import point_metrics
 
 
 def texts_labels(n, seed):

@@ -12,10 +12,10 @@ from bundle_helpers import TEXTS, logits, metadata, shifted_weights, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, pipeline
 
-import detector.bundle as bundle_module
-import detector.onnx_export as onnx_module
-from detector.bundle import TEMP_MARKER, BundleExistsError, read_metadata, write_bundle
-from detector.onnx_export import ONNX_TOLERANCE, encode, onnx_logits
+import detector.bundle.onnx as onnx_module
+import detector.bundle.writer as bundle_module
+from detector.bundle.onnx import ONNX_TOLERANCE, encode, onnx_logits
+from detector.bundle.writer import TEMP_MARKER, BundleExistsError, read_metadata, write_bundle
 
 HF_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
 BUNDLE_FILES = HF_FILES | {"training_metadata.json", "README.md"}
@@ -109,7 +109,7 @@ def test_card_front_matter_parses_with_pipeline_library_and_metrics(bundle):
 
 
 def test_card_examples_run_as_written(bundle, tmp_path, monkeypatch):
-    from detector.score import main as score_main
+    from detector.commands.score import main as score_main
 
     card = (bundle / "README.md").read_text()
     python_blocks = re.findall(r"```python\n(.*?)```", card, flags=re.DOTALL)

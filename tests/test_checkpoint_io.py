@@ -13,9 +13,15 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from detector.checkpoint_io import SafetensorsCheckpointIO, SafetensorsLoadingMixin
-from detector.rng import capture_rng_state
-from detector.state_format import CheckpointFormatError, load_state, save_state, snapshot_state, verify_state
+from detector.checkpoint.format import (
+    CheckpointFormatError,
+    load_state,
+    save_state,
+    snapshot_state,
+    verify_state,
+)
+from detector.checkpoint.plugin import SafetensorsCheckpointIO, SafetensorsLoadingMixin
+from detector.checkpoint.rng import capture_rng_state
 from tests.state_helpers import assert_identical
 
 

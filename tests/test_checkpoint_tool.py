@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-from detector.checkpoint_tool import (
+from detector.checkpoint.format import load_state, save_state
+from detector.checkpoint.rng import capture_rng_state
+from detector.commands.checkpoints import (
     convert_checkpoint,
     describe_checkpoint,
     format_table,
     list_checkpoints,
     main,
 )
-from detector.rng import capture_rng_state
-from detector.state_format import load_state, save_state
 from tests.state_helpers import assert_identical
 
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from detector.__main__ import main
+from detector.checkpoint.format import read_header
 from detector.cli import build_cli
-from detector.state_format import read_header
 from tests.conftest import ROOT
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'

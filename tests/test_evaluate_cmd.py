@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from detector.__main__ import main as detector_main
+from detector.bundle.loading import load_detector
+from detector.checkpoint.format import load_state, read_header, save_state
 from detector.cli import build_cli
+from detector.commands.evaluate import main, score_checkpoint
 from detector.demo import demo_rows
-from detector.evaluate_cmd import main, score_checkpoint
-from detector.inference import load_detector
-from detector.report import REPORT_FILES
-from detector.state_format import load_state, read_header, save_state
+from detector.evaluation.report import REPORT_FILES
 from detector.tokenizer import checkpoint_tokenizer
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
@@ -188,7 +188,7 @@ def test_bundle_scores_are_the_detectors(saved_bundle, tmp_path):
     rows = demo_rows(24, seed=5)
     probs = [r["prob_machine"] for r in load_detector(saved_bundle).score([str(r["text"]) for r in rows])]
     labels = np.array([r["label"] for r in rows])
-    from detector.evaluation import point_metrics
+    from detector.evaluation.metrics import point_metrics
 
     expected = point_metrics(np.array(probs), labels)
     overall = json.loads((tmp_path / "r" / "metrics.json").read_text())["overall"]["detector"]

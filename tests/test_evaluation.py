@@ -3,15 +3,15 @@ import json
 import numpy as np
 import pytest
 
-from detector.bootstrap import METRICS, percentile_intervals, resample_counts, weighted_metrics
-from detector.evaluation import (
+from detector.evaluation.bootstrap import METRICS, percentile_intervals, resample_counts, weighted_metrics
+from detector.evaluation.metrics import (
     breakdown_subsets,
     evaluate,
     expected_calibration_error,
     point_metrics,
     reliability_bins,
 )
-from detector.report import REPORT_FILES, write_report
+from detector.evaluation.report import REPORT_FILES, write_report
 
 # 10 humans scored 0.0, 0.1, ..., 0.9; 10 machines mostly above them.
 HUMANS = np.arange(10) / 10

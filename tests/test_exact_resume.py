@@ -9,8 +9,8 @@ import torch
 from multi_device_helpers import tensors
 
 from callbacks.ema import EMACallback
+from detector.checkpoint.format import load_state
 from detector.cli import build_cli
-from detector.state_format import load_state
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'

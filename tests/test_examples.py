@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from detector.state_format import read_header, verify_state
+from detector.checkpoint.format import read_header, verify_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.name for p in (ROOT / "examples").glob("[0-9][0-9]_*.py"))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from detector.export_cmd import main
+from detector.checkpoint.format import save_state
+from detector.commands.export import main
 from detector.module import DetectorModule
-from detector.state_format import save_state
 from detector.tokenizer import tokenizer_files
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}

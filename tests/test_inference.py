@@ -3,7 +3,7 @@ import pytest
 import torch
 from bundle_helpers import TEXTS, logits
 
-from detector.inference import Detector, load_detector, prob_machine
+from detector.bundle.loading import Detector, load_detector, prob_machine
 
 
 def test_prob_machine_is_the_softmax_second_column_without_overflow():

@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from callbacks.inference_export import InferenceExportCallback
 from detector.atomic import clean_stale_temps, temp_path_for
-from detector.bundle import BundleExistsError, read_metadata
-from detector.export import existing_bundles, export_checkpoint, remove_bundle
-from detector.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.bundle.writer import BundleExistsError, read_metadata
 
 LABELS = [i % 2 for i in range(len(TEXTS))]
 

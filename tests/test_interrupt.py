@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from detector.interrupt import GracefulSigint
+from detector.checkpoint.interrupt import GracefulSigint
 
 
 @pytest.fixture

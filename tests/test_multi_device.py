@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 from transformers import DebertaV2ForSequenceClassification
 
-from detector.checkpoint_files import load_checkpoint_state
+from detector.checkpoint.format import load_state
+from detector.checkpoint.reader import load_checkpoint_state
+from detector.checkpoint.sharded import INDEX_NAME, read_index, shard_name
+from detector.checkpoint.strategy import SafetensorsModelParallelStrategy, optimizer_state_by_name
+from detector.checkpoint.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
+from detector.commands.export import main as export_main
 from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
-from detector.export_cmd import main as export_main
 from detector.loader import ResumableDataLoader, ResumableSampler
-from detector.model_parallel import SafetensorsModelParallelStrategy, optimizer_state_by_name
 from detector.module import DetectorModule
-from detector.sharded_state import INDEX_NAME, read_index, shard_name
-from detector.state_format import load_state
-from detector.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
 from tests.conftest import write_jsonl
 
 DDP = "configs/ddp.yaml"

@@ -1,4 +1,4 @@
-"""Tests for detector.rng: capture, draw, restore, draw again gives the same numbers; through a file too."""
+"""Tests for detector.checkpoint.rng: capture, draw, restore, draw again: the same numbers; via a file."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.rng import capture_rng_state, restore_rng_state
-from detector.state_format import load_state, save_state
+from detector.checkpoint.format import load_state, save_state
+from detector.checkpoint.rng import capture_rng_state, restore_rng_state
 
 
 def _draw() -> tuple[list[float], list[float], torch.Tensor, torch.Tensor | None]:

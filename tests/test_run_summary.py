@@ -7,9 +7,10 @@ import pytest
 
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+from detector.checkpoint.format import read_header
+from detector.checkpoint.reader import disk_usage
 from detector.cli import build_cli
-from detector.state_format import read_header
-from detector.summary import build_summary, disk_usage, summary_rows, write_summary
+from detector.run_summary import build_summary, summary_rows, write_summary
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EXPORT = (

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import callbacks.safetensors_checkpoint as checkpoint_module
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.atomic import temp_path_for
-from detector.background import BackgroundWriteError
-from detector.checkpoint_io import SafetensorsCheckpointIO
-from detector.state_format import load_state
+from detector.checkpoint.background import BackgroundWriteError
+from detector.checkpoint.format import load_state
+from detector.checkpoint.plugin import SafetensorsCheckpointIO
 
 NAN = math.nan
 REPO = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import re
 import pytest
 from bundle_helpers import TEXTS
 
-import detector.score as score_module
-from detector.inference import load_detector
-from detector.score import main
+import detector.commands.score as score_module
+from detector.bundle.loading import load_detector
+from detector.commands.score import main
 
 
 def _rows(text):

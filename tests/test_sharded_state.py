@@ -15,7 +15,8 @@ from multi_device_helpers import tensors
 from safetensors.torch import load_file
 
 from detector.atomic import TEMP_MARKER
-from detector.sharded_state import (
+from detector.checkpoint.format import CheckpointFormatError, load_state, save_state
+from detector.checkpoint.sharded import (
     INDEX_NAME,
     SHARDED_TAG,
     STATE_NAME,
@@ -28,7 +29,6 @@ from detector.sharded_state import (
     state_file,
     verify_sharded_state,
 )
-from detector.state_format import CheckpointFormatError, load_state, save_state
 from tests.sharded_helpers import load_worker, save_worker, toy_model
 
 
@@ -156,7 +156,7 @@ def test_a_shard_from_another_save_that_leaves_a_gap_is_refused(saved: Path, tmp
 def test_a_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint_latest.safetensors"
     with pytest.raises(CheckpointFormatError, match=r"state\['bad'\]: cannot store value of type object"):
-        from detector.sharded_state import save_sharded_state
+        from detector.checkpoint.sharded import save_sharded_state
 
         save_sharded_state({"bad": object()}, folder)
     assert list(tmp_path.iterdir()) == []
@@ -167,7 +167,7 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_checkpoint_tool_lists_verifies_and_shows_a_sharded_folder(
     saved: Path, tmp_path: Path, capsys
 ) -> None:
-    from detector.checkpoint_tool import main as tool
+    from detector.commands.checkpoints import main as tool
 
     folder = _copy(saved, tmp_path)
     assert tool(["list", str(tmp_path)]) == 0
@@ -191,7 +191,7 @@ def test_extra_metadata_cannot_replace_the_formats_own_entries(tmp_path: Path) -
 
 def test_checkpoint_callback_links_and_rotates_whole_folders(tmp_path: Path) -> None:
     from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-    from detector.topk import LATEST_NAME, best_name, step_name
+    from detector.checkpoint.topk import LATEST_NAME, best_name, step_name
 
     callback = SafetensorsTopKCheckpoint(dirpath=str(tmp_path))
     for step in (1, 2):
@@ -217,7 +217,7 @@ def test_a_sharded_latest_stays_loadable_when_the_writer_is_killed_at_any_moment
     from tests.state_helpers import save_sharded_forever
 
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["detector.sharded_state", "tests.state_helpers"])
+    context.set_forkserver_preload(["detector.checkpoint.sharded", "tests.state_helpers"])
     path, version, killed_mid_write = tmp_path / "checkpoint_latest.safetensors", 0, 0
     for delay in [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4]:
         ready = context.Event()
@@ -243,7 +243,7 @@ def test_async_save_is_refused_for_sharded_checkpoints(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-    from detector.checkpoint_io import SafetensorsCheckpointIO
+    from detector.checkpoint.plugin import SafetensorsCheckpointIO
 
     strategy = SimpleNamespace(checkpoint_io=SafetensorsCheckpointIO(), saves_sharded=True)
     trainer = SimpleNamespace(strategy=strategy, is_global_zero=True)

@@ -19,9 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from detector import piece_io, state_format, state_layout
 from detector.atomic import clean_stale_temps
-from detector.state_format import (
+from detector.checkpoint import format as state_format
+from detector.checkpoint import layout as state_layout
+from detector.checkpoint import pieces as piece_io
+from detector.checkpoint.format import (
     CheckpointFormatError,
     TensorInfo,
     flatten_state,
@@ -421,7 +423,7 @@ def test_non_finite_floats_never_reach_the_json() -> None:
 def test_latest_stays_loadable_when_the_writer_is_killed_at_any_moment(tmp_path: Path) -> None:
     """SIGKILL a process that keeps saving, at 15 moments; each time the file loads, verifies, is whole."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["detector.state_format", "tests.state_helpers"])
+    context.set_forkserver_preload(["detector.checkpoint.format", "tests.state_helpers"])
     path, version, killed_mid_write = tmp_path / "checkpoint_latest.safetensors", 0, 0
     for delay in np.linspace(0.0, 0.5, 15):
         ready = context.Event()

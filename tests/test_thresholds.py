@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 
 
 def _fpr(scores, labels, threshold):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from detector.topk import (
+from detector.checkpoint.topk import (
     CheckpointTracker,
     LastN,
     TopK,

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from detector.sharded_state import (
+from detector.checkpoint.sharded import (
     INDEX_NAME,
     is_sharded_checkpoint,
     load_sharded_state,
@@ -35,7 +35,7 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
 
     ``save_distributed_checkpoint=True`` (what ``configs/fsdp.yaml`` sets): every rank writes its own
     shard of the weights, optimizer state and other DTensors, rank zero the rest, committed together
-    as one folder (:mod:`detector.sharded_state`); no rank ever holds the whole state. Loading one,
+    as one folder (:mod:`detector.checkpoint.sharded`); no rank ever holds the whole state. Loading one,
     each rank reads through ``torch.distributed.checkpoint`` (its ``HuggingFaceStorageReader``) just the
     chunks its shards need, on any number of ranks. Lightning's own sharded checkpoint would instead
     pickle everything but the tensors into a ``meta.pt``.
@@ -60,7 +60,7 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
 
             trainer:
               strategy:
-                class_path: detector.model_parallel.SafetensorsModelParallelStrategy
+                class_path: detector.checkpoint.strategy.SafetensorsModelParallelStrategy
                 init_args: {save_distributed_checkpoint: true}
     """
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from detector.checkpoint_files import load_checkpoint_state
-from detector.export import checkpoint_weights, export_checkpoint
+from detector.bundle.export import checkpoint_weights, export_checkpoint
+from detector.checkpoint.reader import load_checkpoint_state
 from detector.module import DetectorModule
 from detector.records import read_records
 from detector.tokenizer import checkpoint_tokenizer

@@ -8,7 +8,7 @@ The sharded layout of a checkpoint (used by FSDP2 with ``save_distributed_checkp
       shards/shard-00000-of-00002.safetensors   rank 0's chunk of every sharded tensor, by dotted key path
       shards/shard-00001-of-00002.safetensors   rank 1's ...
 
-Every file is a :mod:`detector.state_format` file (checksummed, fsynced). A shard file also records its
+Every file is a :mod:`detector.checkpoint.format` file (checksummed, fsynced). A shard file also records its
 chunks' global offsets under ``DCP_SHARDING_INFO`` in its header, the Hugging Face layout of
 ``torch.distributed.checkpoint``, so ``HuggingFaceStorageReader`` reads the chunks a rank needs on
 *any* mesh (resharding). The folder is written under a hidden temp name and renamed into place by
@@ -33,9 +33,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from detector.atomic import fsync_dir, replace_dir, temp_path_for
-from detector.collective import broadcast, collectively, rank_world
-from detector.state_format import CheckpointFormatError, load_state, read_header, save_state, verify_state
-from detector.state_tree import DTYPE_CODES, DTYPES_BY_CODE
+from detector.checkpoint.collective import broadcast, collectively, rank_world
+from detector.checkpoint.format import (
+    CheckpointFormatError,
+    load_state,
+    read_header,
+    save_state,
+    verify_state,
+)
+from detector.checkpoint.tree import DTYPE_CODES, DTYPES_BY_CODE
 
 FORMAT = "detector.sharded-state"
 FORMAT_VERSION = 1

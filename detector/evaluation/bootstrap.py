@@ -2,7 +2,7 @@
 
 A bootstrap resample is a vector of counts (how often each row was drawn). The metrics here take a
 ``(resamples, rows)`` matrix of such counts and compute every resample in one vectorised pass; with
-all counts 1 they equal the point metrics of :mod:`detector.evaluation` (the tests check it).
+all counts 1 they equal the point metrics of :mod:`detector.evaluation.metrics` (the tests check it).
 Resampling is stratified by label: each resample keeps the subset's human and machine counts, so
 every resample has both classes whenever the subset does.
 """

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from detector.state_format import CheckpointFormatError
+from detector.checkpoint.format import CheckpointFormatError
 
 
 def rank_world() -> tuple[int, int]:

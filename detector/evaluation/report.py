@@ -18,8 +18,8 @@ import torch
 from torchmetrics.functional.classification import binary_roc
 
 from detector.atomic import commit_file, temp_path_for
-from detector.bootstrap import METRICS
-from detector.evaluation import ECE_BINS, THRESHOLD, as_arrays, evaluate, reliability_bins
+from detector.evaluation.bootstrap import METRICS
+from detector.evaluation.metrics import ECE_BINS, THRESHOLD, as_arrays, evaluate, reliability_bins
 
 REPORT_FILES = ("metrics.json", "summary.md", "roc_curve.png", "reliability_diagram.png")
 METRIC_TITLES = {
@@ -80,7 +80,7 @@ def _table(header: str, rows: Mapping[str, Mapping[str, Any]], metric: str | Non
 
 
 def render_summary(result: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    """The Markdown summary of :func:`detector.evaluation.evaluate`'s ``result``."""
+    """The Markdown summary of :func:`detector.evaluation.metrics.evaluate`'s ``result``."""
     overall = result["overall"]
     first = next(iter(overall.values()))
     lines = [
@@ -180,7 +180,7 @@ def write_report(
         labels: 0 (human) / 1 (machine) per row.
         extra_columns: optional ``source`` / ``generator`` columns for the breakdowns.
         out_dir: the report folder.
-        bootstrap, seed, confidence: see :func:`detector.evaluation.evaluate`.
+        bootstrap, seed, confidence: see :func:`detector.evaluation.metrics.evaluate`.
         data: the evaluated file, recorded in the report.
 
     Returns:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from detector.state_tree import CheckpointFormatError
+from detector.checkpoint.tree import CheckpointFormatError
 
 PIECE_BYTES = 16 << 20
 PIECE_DIGESTS: dict[str, Callable[[memoryview], bytes]] = {

@@ -1,7 +1,7 @@
 """One reading API over both checkpoint layouts: a full-state file and a sharded folder.
 
 Tools, exports, evaluation and single-device resumes read a checkpoint through these functions and
-never need to know how it was written: a sharded folder (:mod:`detector.sharded_state`) is
+never need to know how it was written: a sharded folder (:mod:`detector.checkpoint.sharded`) is
 assembled into the same dict a full-state file holds, its optimizer state keyed by parameter
 position as ``Optimizer.state_dict()`` keys it.
 """
@@ -13,8 +13,14 @@ from typing import Any
 
 import torch
 
-from detector.sharded_state import is_sharded_checkpoint, load_sharded_state, state_file, verify_sharded_state
-from detector.state_format import load_state, read_header, verify_state
+from detector.atomic import TEMP_MARKER
+from detector.checkpoint.format import load_state, read_header, verify_state
+from detector.checkpoint.sharded import (
+    is_sharded_checkpoint,
+    load_sharded_state,
+    state_file,
+    verify_sharded_state,
+)
 
 
 def load_checkpoint_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> Any:
@@ -34,7 +40,7 @@ def load_checkpoint_state(path: str | Path, map_location: str | torch.device | N
 
 
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
-    """:func:`detector.state_format.read_header` of the file holding the checkpoint's state tree."""
+    """:func:`detector.checkpoint.format.read_header` of the file holding the checkpoint's state tree."""
     return read_header(state_file(path))
 
 
@@ -44,6 +50,25 @@ def verify_checkpoint(path: str | Path) -> None:
         verify_sharded_state(path)
     else:
         verify_state(path)
+
+
+def disk_usage(folder: str | Path) -> int:
+    """Bytes held by the regular files under ``folder``, each inode counted once (hard links share one).
+
+    Temporary files and folders of an unfinished write (:data:`detector.atomic.TEMP_MARKER`), and
+    everything inside such a folder, are left out; a missing folder holds 0 bytes.
+    """
+    seen: dict[tuple[int, int], int] = {}
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob("*"):
+        in_temp = any(TEMP_MARKER in part for part in path.relative_to(folder).parts)
+        if in_temp or path.is_symlink() or not path.is_file():
+            continue
+        stat = path.stat()
+        seen[(stat.st_dev, stat.st_ino)] = stat.st_size
+    return sum(seen.values())
 
 
 def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from detector.atomic import commit_file, temp_path_for
-from detector.inference import Detector, load_detector
+from detector.bundle.loading import Detector, load_detector
 
 Record = tuple[Any, str]  # (id or None, text)
 FORMATS = ("auto", "jsonl", "csv", "text")
@@ -89,7 +89,7 @@ def _csv_records(lines: Iterable[str], text_field: str, id_field: str) -> Iterat
         yield row.get(id_field), row[text_field]
 
 
-def read_records(
+def read_inputs(
     stream: IO[str], fmt: str, text_field: str = "text", id_field: str = "id"
 ) -> Iterator[Record]:
     """``(id or None, text)`` per input record; text format: one text per line, ids absent."""
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             out = stack.enter_context(_output(args.output))
             score_records(
-                detector, read_records(stream, fmt, args.text_field, args.id_field), out, args.batch_size
+                detector, read_inputs(stream, fmt, args.text_field, args.id_field), out, args.batch_size
             )
     except (ValueError, FileNotFoundError) as err:
         print(f"detector score: error: {err}", file=sys.stderr)

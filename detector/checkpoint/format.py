@@ -4,7 +4,7 @@ Saving streams the state tensor by tensor into a temp file beside the target (no
 state in memory; the checksum field is reserved at a fixed width in the header and patched once the
 data is written), then commits it atomically (:mod:`detector.atomic`). Loading reads each tensor once
 into its own memory while digesting it and compares the checksum before anything is returned. The file
-layout is described in :mod:`detector.state_layout`, the checksum in :mod:`detector.piece_io`.
+layout is described in :mod:`detector.checkpoint.layout`, the checksum in :mod:`detector.checkpoint.pieces`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,7 @@ import numpy as np
 import torch
 
 from detector.atomic import commit_file, temp_path_for
-from detector.piece_io import (
-    DEFAULT_CHECKSUM,
-    PIECE_DIGESTS,
-    PiecePipeline,
-    byte_view,
-    pieces,
-    read_at,
-    write_at,
-)
-from detector.state_layout import (
+from detector.checkpoint.layout import (
     FORMAT_VERSION,
     Layout,
     TensorInfo,
@@ -40,7 +31,16 @@ from detector.state_layout import (
     plan_tensors,
     read_layout,
 )
-from detector.state_tree import CheckpointFormatError, flatten_state, unflatten_state
+from detector.checkpoint.pieces import (
+    DEFAULT_CHECKSUM,
+    PIECE_DIGESTS,
+    PiecePipeline,
+    byte_view,
+    pieces,
+    read_at,
+    write_at,
+)
+from detector.checkpoint.tree import CheckpointFormatError, flatten_state, unflatten_state
 
 __all__ = [
     "CheckpointFormatError",
@@ -61,11 +61,11 @@ def save_state(
     """Write ``state`` to ``path`` atomically: the previous file stays intact until the new one is durable.
 
     Args:
-        state: a nested tree of tensors, NumPy arrays and JSON-like values (see :mod:`detector.state_tree`).
+        state: a nested tree of tensors, NumPy arrays and JSON-like values (:mod:`detector.checkpoint.tree`).
         path: the final file; a temp file beside it is written, fsynced and renamed onto it.
-        checksum: ``"crc32-tree"`` (fast) or ``"sha256-tree"``; see :mod:`detector.piece_io`.
+        checksum: ``"crc32-tree"`` (fast) or ``"sha256-tree"``; see :mod:`detector.checkpoint.pieces`.
         metadata: extra string entries for the safetensors ``__metadata__`` (covered by the checksum),
-            e.g. the shard offsets that :mod:`detector.sharded_state` adds for other readers.
+            e.g. the shard offsets that :mod:`detector.checkpoint.sharded` adds for other readers.
 
     Raises:
         CheckpointFormatError: for a value that cannot be stored (the message names its key path).

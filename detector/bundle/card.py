@@ -73,7 +73,7 @@ print(prob_machine > {threshold!r})  # True: machine, at the stored threshold
 With the `detector` package (PyTorch, or `backend="onnx"` when `model.onnx` is present):
 
 ```python
-from detector.inference import load_detector
+from detector.bundle.loading import load_detector
 
 detector = load_detector({path})
 print(detector.score(["Some text to check."]))

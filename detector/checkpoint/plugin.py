@@ -7,7 +7,7 @@ trainer's own restore machinery then restores model, optimizers, schedulers, loo
 ``LightningModule.load_from_checkpoint`` does not go through the CheckpointIO: in Lightning 2.6 it
 calls ``torch.load`` directly (``lightning.pytorch.core.saving._load_from_checkpoint`` -> ``pl_load``).
 :class:`SafetensorsLoadingMixin` overrides it for a module class, reading the file with
-:func:`detector.state_format.load_state` and handing the dict to the same Lightning code that builds
+:func:`detector.checkpoint.format.load_state` and handing the dict to the same Lightning code that builds
 the module from a loaded checkpoint (``_pl_migrate_checkpoint`` and ``_load_state``, private but stable
 across 2.6.x; ``tests/test_checkpoint_io.py`` pins the behaviour).
 """
@@ -27,8 +27,8 @@ from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from typing_extensions import override
 
 from detector.atomic import fsync_dir, remove_path
-from detector.checkpoint_files import load_checkpoint_state
-from detector.state_format import CheckpointFormatError, save_state
+from detector.checkpoint.format import CheckpointFormatError, save_state
+from detector.checkpoint.reader import load_checkpoint_state
 
 _Module = TypeVar("_Module", bound="pl.LightningModule")
 
@@ -36,8 +36,8 @@ _Module = TypeVar("_Module", bound="pl.LightningModule")
 class SafetensorsCheckpointIO(CheckpointIO):
     """Writes and reads the whole Lightning checkpoint as one checksummed safetensors file, without pickle.
 
-    It also reads a sharded checkpoint folder (:mod:`detector.sharded_state`, written by
-    :class:`~detector.model_parallel.SafetensorsModelParallelStrategy`), assembled into the full state,
+    It also reads a sharded checkpoint folder (:mod:`detector.checkpoint.sharded`, written by
+    :class:`~detector.checkpoint.strategy.SafetensorsModelParallelStrategy`), assembled into the full state,
     so any strategy can resume from it or ``validate``/``test``/``predict`` with it.
 
     Saves are atomic (temp file in the same folder, fsync, rename, folder fsync); loads verify the

@@ -10,29 +10,9 @@ from typing import Any
 
 from rich.table import Table
 
-from detector.atomic import TEMP_MARKER, commit_file, temp_path_for
-from detector.topk import CheckpointTracker
-
-SUMMARY_NAME = "summary.json"
-
-
-def disk_usage(folder: str | Path) -> int:
-    """Bytes held by the regular files under ``folder``, each inode counted once (hard links share one).
-
-    Temporary files and folders of an unfinished write (:data:`detector.atomic.TEMP_MARKER`), and
-    everything inside such a folder, are left out; a missing folder holds 0 bytes.
-    """
-    seen: dict[tuple[int, int], int] = {}
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    for path in folder.rglob("*"):
-        in_temp = any(TEMP_MARKER in part for part in path.relative_to(folder).parts)
-        if in_temp or path.is_symlink() or not path.is_file():
-            continue
-        stat = path.stat()
-        seen[(stat.st_dev, stat.st_ino)] = stat.st_size
-    return sum(seen.values())
+from detector.atomic import commit_file, temp_path_for
+from detector.checkpoint.reader import disk_usage
+from detector.checkpoint.topk import CheckpointTracker
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -1,6 +1,6 @@
 """``detector evaluate``: score a labelled data file with a checkpoint, a bundle and/or the TF-IDF baseline.
 
-Writes a report folder (see :func:`detector.report.write_report`) with every system side by side::
+Writes a report folder (see :func:`detector.evaluation.report.write_report`) with every system side by side::
 
     python -m detector evaluate --data val.jsonl \
         --checkpoint outputs/checkpoints/checkpoint_best_val_f1.safetensors \
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.baseline import train_baseline
-from detector.checkpoint_files import read_checkpoint_header
+from detector.checkpoint.reader import read_checkpoint_header
 from detector.data import EncodedDataset, pad_batch
+from detector.evaluation.baseline import train_baseline
+from detector.evaluation.report import write_report
 from detector.records import Records, read_records
-from detector.report import write_report
 from detector.tokenizer import checkpoint_tokenizer
 
 DETECTOR, BASELINE = "detector", "tfidf_baseline"
@@ -63,8 +63,8 @@ def score_checkpoint(
 def score_bundle(
     bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu"
 ) -> np.ndarray:
-    """P(machine) per text from an inference bundle (:func:`detector.inference.load_detector`)."""
-    from detector.inference import load_detector
+    """P(machine) per text from an inference bundle (:func:`detector.bundle.loading.load_detector`)."""
+    from detector.bundle.loading import load_detector
 
     results = load_detector(bundle, device=device).score(texts, batch_size=batch_size)
     return np.array([row["prob_machine"] for row in results], dtype=np.float64)

@@ -1,7 +1,7 @@
 """Bundle names, weights, threshold and retention for exports, and ``checkpoint -> bundle`` after the fact.
 
 The :class:`~callbacks.inference_export.InferenceExportCallback` and :func:`export_checkpoint` both
-end in :func:`detector.bundle.write_bundle`; what they share lives here, free of any Trainer.
+end in :func:`detector.bundle.writer.write_bundle`; what they share lives here, free of any Trainer.
 """
 
 from __future__ import annotations
@@ -17,9 +17,14 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detector.atomic import temp_path_for
-from detector.bundle import write_bundle
-from detector.checkpoint_files import load_checkpoint_state
-from detector.thresholds import DEFAULT_TARGET_FPR, DEFAULT_THRESHOLD, rates_at_threshold, threshold_at_fpr
+from detector.bundle.thresholds import (
+    DEFAULT_TARGET_FPR,
+    DEFAULT_THRESHOLD,
+    rates_at_threshold,
+    threshold_at_fpr,
+)
+from detector.bundle.writer import write_bundle
+from detector.checkpoint.reader import load_checkpoint_state
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
 MODULE_PREFIX = "model."  # DetectorModule keeps the Hugging Face classifier in its attribute `model`
@@ -166,7 +171,7 @@ def export_checkpoint(
             ``target_fpr``; without them the threshold is 0.5 and the metadata says why.
         extra_metadata: fields that override those read from the checkpoint (e.g. ``metrics``).
         load_state: reads the checkpoint dict; defaults to
-            :func:`detector.checkpoint_files.load_checkpoint_state`.
+            :func:`detector.checkpoint.reader.load_checkpoint_state`.
     """
     path = Path(checkpoint_path)
     checkpoint = (load_state or _default_load_state)(path)

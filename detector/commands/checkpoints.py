@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from detector.checkpoint_files import read_checkpoint_header, verify_checkpoint
-from detector.sharded_state import fill_sharded, is_sharded_checkpoint, read_index, state_file
-from detector.state_format import CheckpointFormatError, TensorInfo, save_state, verify_state
-from detector.state_tree import DTYPES_BY_CODE
-from detector.summary import disk_usage
+from detector.checkpoint.format import CheckpointFormatError, TensorInfo, save_state, verify_state
+from detector.checkpoint.reader import disk_usage, read_checkpoint_header, verify_checkpoint
+from detector.checkpoint.sharded import fill_sharded, is_sharded_checkpoint, read_index, state_file
+from detector.checkpoint.tree import DTYPES_BY_CODE
 
 _SCALARS = (int, float, bool, str, type(None))
 

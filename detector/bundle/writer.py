@@ -3,7 +3,7 @@
 A bundle ``root/name/`` holds ``config.json``, ``model.safetensors`` (full, unsharded), the tokenizer
 files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx``. It
 loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
-without any ``detector`` code, and with :func:`detector.inference.load_detector`.
+without any ``detector`` code, and with :func:`detector.bundle.loading.load_detector`.
 
 Everything is written into a hidden temporary folder inside ``root``
 (:func:`detector.atomic.temp_path_for`: ``.{name}.tmp-{pid}-{random}``, which no bundle listing
@@ -33,10 +33,10 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
 from detector.backbone import ID2LABEL, LABEL2ID
-from detector.model_card import render_card
-from detector.onnx_export import export_and_check
-from detector.provenance import git_state, package_versions, utc_now
-from detector.thresholds import DEFAULT_THRESHOLD
+from detector.bundle.card import render_card
+from detector.bundle.onnx import export_and_check
+from detector.bundle.provenance import git_state, package_versions, utc_now
+from detector.bundle.thresholds import DEFAULT_THRESHOLD
 
 METADATA_FILE = "training_metadata.json"
 CARD_FILE = "README.md"

@@ -3,7 +3,7 @@
 Plain functions, no Trainer. The point metrics are the ones Lightning's ``test`` logs
 (:func:`detector.metrics.classification_metrics`: torchmetrics AUROC, F1 and accuracy at 0.5, and
 :func:`detector.metrics.tpr_at_fpr`), so a report and a ``test`` run on the same scores agree.
-:func:`detector.report.write_report` turns the result of :func:`evaluate` into a report folder.
+:func:`detector.evaluation.report.write_report` turns the result of :func:`evaluate` into a report folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 
-from detector.bootstrap import percentile_intervals, resample_counts, weighted_metrics
+from detector.evaluation.bootstrap import percentile_intervals, resample_counts, weighted_metrics
 from detector.metrics import tpr_at_fpr
 
 THRESHOLD = 0.5  # F1 and accuracy flag a text as machine when P(machine) > 0.5, as torchmetrics does

@@ -16,7 +16,7 @@ def capture_rng_state() -> dict[str, Any]:
     Returns:
         ``{"python": random.getstate(), "numpy": np.random.get_state(), "torch": ByteTensor,
         "cuda": [ByteTensor per device]}`` (``cuda`` is empty without CUDA); every value is one that
-        :func:`detector.state_format.save_state` stores exactly.
+        :func:`detector.checkpoint.format.save_state` stores exactly.
     """
     cuda = [state.clone() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
     return {

@@ -2,7 +2,7 @@
 
 Every tensor of the state is a safetensors tensor (the biggest dtypes first, so each one is aligned);
 the header's ``__metadata__`` holds ``format``, ``format_version``, ``checksum`` and ``skeleton`` (the
-JSON tree of :mod:`detector.state_tree`). Any safetensors reader can open the file.
+JSON tree of :mod:`detector.checkpoint.tree`). Any safetensors reader can open the file.
 
 Checksum: ``sha256-tree``, the SHA-256 of (the 8-byte length prefix + the header, with the checksum's
 64 hex digits written as zeros) followed by the SHA-256 digests of the data pieces (each tensor's
@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from detector.piece_io import PIECE_DIGESTS
-from detector.state_tree import DTYPE_CODES, DTYPES_BY_CODE, CheckpointFormatError
+from detector.checkpoint.pieces import PIECE_DIGESTS
+from detector.checkpoint.tree import DTYPE_CODES, DTYPES_BY_CODE, CheckpointFormatError
 
 FORMAT_NAME = "detector.state"
 FORMAT_VERSION = 1

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from detector.backbone import ID2LABEL
-from detector.bundle import read_metadata
-from detector.onnx_export import ONNX_FILE, encode
+from detector.bundle.onnx import ONNX_FILE, encode
+from detector.bundle.writer import read_metadata
 
 Backend = Literal["torch", "onnx"]
 LogitsFn = Callable[[dict[str, torch.Tensor]], np.ndarray]
@@ -53,7 +53,7 @@ class Detector:
     """Scores texts with a bundle's classifier and labels them at its decision threshold.
 
     A text is labelled ``machine`` when ``prob_machine > threshold`` (see
-    :func:`detector.thresholds.threshold_at_fpr` for the tie rule).
+    :func:`detector.bundle.thresholds.threshold_at_fpr` for the tie rule).
     """
 
     def __init__(
@@ -103,7 +103,7 @@ def load_detector(
     """Load ``bundle`` for scoring with PyTorch or ONNX Runtime (CPU).
 
     Args:
-        bundle: a bundle folder written by :func:`detector.bundle.write_bundle`.
+        bundle: a bundle folder written by :func:`detector.bundle.writer.write_bundle`.
         backend: ``"torch"`` (``model.safetensors``) or ``"onnx"`` (``model.onnx``).
         threshold: overrides the stored ``decision_threshold``.
         device: the PyTorch device; ONNX Runtime runs on the CPU.
