@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -15,18 +16,20 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from typing_extensions import override
 
-from detector.atomic import clean_stale_temps
+from detector.atomic import clean_stale_temps, fsync_dir
 from detector.bundle.export import (
+    LineagePlan,
     ValidationScores,
     bundle_name,
     choose_threshold,
-    existing_bundles,
     hf_state_dict,
+    plan_lineage,
     remove_bundle,
     validate_version,
 )
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
-from detector.bundle.writer import BundleExistsError, write_bundle
+from detector.bundle.writer import write_bundle
+from detector.run_folder import refusal
 
 
 class InferenceExportCallback(Callback):
@@ -38,8 +41,15 @@ class InferenceExportCallback(Callback):
     EMA weights when a callback with ``averaged_state_dict()`` is present, else the module's; the
     threshold for ``target_fpr`` from the module's ``last_val_scores()`` (see
     :class:`detector.bundle.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
-    the 0-based ``trainer.current_epoch``; at most one bundle per epoch. A run refuses to start
-    when bundles of ``version`` it did not write already exist: bump the version. At the start of
+    the 0-based ``trainer.current_epoch``; at most one bundle per epoch.
+
+    Each bundle's metadata names the run that wrote it (``run_id``, kept in this callback's checkpoint
+    state, so a resumed or extended run keeps it) and its ``step``. Before training, a run sorts the
+    bundles of ``version`` in ``dirpath`` (:func:`detector.bundle.export.plan_lineage`): another run's
+    stop it with one line, nothing touched; its own bundles written after the step it resumes from (a
+    kill before the checkpoint recording them) are removed and written again when due; its own final
+    bundle is kept as ``model_v{version}_final_step{S}`` so the extended run's final bundle takes the
+    plain name. At the start of
     ``fit``, global rank zero removes the hidden temp folders a killed export left in ``dirpath``
     (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another process
     while a run starts.
@@ -81,11 +91,18 @@ class InferenceExportCallback(Callback):
         self.target_fpr, self.onnx = target_fpr, onnx
         self._best: float | None = None
         self._written: list[str] = []  # epoch bundles this run wrote and still keeps, oldest first
+        self._run_id: str | None = None  # the lineage: kept across resumes in the checkpoint
+        self._reconciled = False
 
     @property
     @override
     def state_key(self) -> str:
         return self._generate_state_key(dirpath=str(self.dirpath), version=self.version)
+
+    @property
+    def run_id(self) -> str | None:
+        """The id of the run (and of the runs resumed from its checkpoints) written into every bundle."""
+        return self._run_id
 
     @property
     def written(self) -> list[str]:
@@ -106,15 +123,7 @@ class InferenceExportCallback(Callback):
             raise TypeError(f"{type(self).__name__} needs the Hugging Face classifier in `pl_module.model`")
         if getattr(getattr(trainer, "datamodule", None), "tokenizer", None) is None:
             raise TypeError(f"{type(self).__name__} needs a datamodule with a `tokenizer` attribute")
-        conflicts = None
-        if trainer.is_global_zero:
-            conflicts = [n for n in existing_bundles(self.dirpath, self.version) if n not in self._written]
-        conflicts = trainer.strategy.broadcast(conflicts, src=0)
-        if conflicts:
-            raise BundleExistsError(
-                f"{self.dirpath} already holds bundles of version {self.version} that this run did not "
-                f"write: {conflicts}. Bundles are never overwritten: bump `version` or move them."
-            )
+        self._reconcile(trainer)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -137,17 +146,45 @@ class InferenceExportCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._reconciled:  # a resume whose loop was already done skips on_train_start
+            self._reconcile(trainer)
         self._export(trainer, pl_module, bundle_name(self.version))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self._best, "written": list(self._written), "version": self.version}
+        written = list(self._written)
+        return {"best": self._best, "written": written, "version": self.version, "run_id": self._run_id}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._best = state_dict["best"]
+        self._run_id = state_dict.get("run_id")
         # Epoch bundles of another version are not ours to prune.
         self._written = list(state_dict["written"]) if state_dict.get("version") == self.version else []
+
+    def _reconcile(self, trainer: pl.Trainer) -> None:
+        """Before training: take this run's id, refuse another run's bundles, settle the lineage's own."""
+        self._reconciled = True
+        self._run_id = trainer.strategy.broadcast(self._run_id or uuid.uuid4().hex[:16], src=0)
+        plan = None
+        if trainer.is_global_zero:
+            plan = plan_lineage(self.dirpath, self.version, self._run_id, trainer.global_step, self._written)
+            if not plan.foreign:
+                self._apply(plan)
+        foreign = trainer.strategy.broadcast(plan.foreign if plan else None, src=0)
+        if foreign:
+            ways = "bump `version`, move them away" if trainer.ckpt_path else None
+            raise refusal(self.dirpath, f"bundles of version {self.version}", foreign, ways)
+
+    def _apply(self, plan: LineagePlan) -> None:
+        for name in plan.stale:
+            remove_bundle(self.dirpath / name)
+            rank_zero_info(f"Removed {self.dirpath / name}: written after the resumed checkpoint")
+        for name, kept in plan.renames:
+            os.rename(self.dirpath / name, self.dirpath / kept)
+            rank_zero_info(f"The final bundle of the run being extended is now {self.dirpath / kept}")
+        if plan.stale or plan.renames:
+            fsync_dir(self.dirpath)
 
     def _monitored(self, trainer: pl.Trainer) -> float:
         metrics = trainer.callback_metrics
@@ -202,6 +239,7 @@ class InferenceExportCallback(Callback):
             "step": trainer.global_step,
             "metrics": {k: v for k, v in trainer.callback_metrics.items() if v.numel() == 1},
             "monitor": self.monitor,
+            "run_id": self._run_id,
             "checkpoint": None,  # exported live from the training state at `step`
             "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "seed": int(seed) if seed is not None else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from rich.console import Console
 from typing_extensions import override
@@ -24,6 +26,10 @@ class RunSummary(Callback):
     written, steps, epochs, wall time, time the loop spent saving, and disk used by checkpoints (hard
     links counted once). Printed as a Rich table and written atomically to ``path``, on global rank
     zero, after every other callback's ``on_fit_end`` (so the final bundle is in it).
+
+    A run stopped by SIGTERM or Ctrl-C gets its summary too, with ``stopped`` naming the signal
+    (``"finished"`` otherwise): :meth:`on_exception` records it, :meth:`write_stopped` writes it once
+    the checkpoint callback has saved (the CLI calls it, then exits with ``128 + signal``).
 
     Reads the :class:`~callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint` and
     :class:`~callbacks.inference_export.InferenceExportCallback` in ``trainer.callbacks`` (either may
@@ -42,10 +48,33 @@ class RunSummary(Callback):
         self.path, self.print_table = Path(path), print_table
         self._start: float | None = None
         self.summary: dict[str, Any] | None = None
+        self.stop_signal: signal.Signals | None = None  # the signal that interrupted fit, if any
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.stop_signal = signal.SIGINT
+        elif isinstance(exception, SIGTERMException):
+            callbacks = trainer.callbacks  # type: ignore[attr-defined]
+            checkpoint = next((cb for cb in callbacks if isinstance(cb, SafetensorsTopKCheckpoint)), None)
+            by_ctrl_c = checkpoint is not None and checkpoint.stopped_by_ctrl_c
+            self.stop_signal = signal.SIGINT if by_ctrl_c else signal.SIGTERM
+
+    def write_stopped(self, trainer: pl.Trainer) -> None:
+        """Write the summary of a fit that :attr:`stop_signal` interrupted (after its checkpoint save)."""
+        if self.stop_signal is None or self._start is None:
+            return
+        self.summary = self._build(trainer, time.perf_counter() - self._start, self.stop_signal.name)
+        self._start = None
+        if trainer.is_global_zero:
+            write_summary(self.summary, self.path)
+            rank_zero_info(f"Stopped by {self.stop_signal.name}; run summary written to {self.path}")
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -62,7 +91,7 @@ class RunSummary(Callback):
         rank_zero_info(f"Run summary written to {self.path}")
 
     @staticmethod
-    def _build(trainer: pl.Trainer, wall_time_s: float) -> dict[str, Any]:
+    def _build(trainer: pl.Trainer, wall_time_s: float, stopped: str = "finished") -> dict[str, Any]:
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
         checkpoint = next((cb for cb in callbacks if isinstance(cb, SafetensorsTopKCheckpoint)), None)
         export = next((cb for cb in callbacks if isinstance(cb, InferenceExportCallback)), None)
@@ -84,4 +113,5 @@ class RunSummary(Callback):
             saves=saves,
             checkpoints=section,
             bundles=bundles,
+            stopped=stopped,
         )

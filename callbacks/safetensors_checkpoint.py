@@ -29,6 +29,7 @@ from detector.checkpoint.topk import (
     step_name,
     top_k_name,
 )
+from detector.run_folder import earlier_checkpoints, refusal
 
 
 class SafetensorsTopKCheckpoint(Checkpoint):
@@ -110,6 +111,17 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         return "" if self._tracker.best is None else str(self.dirpath / best_name(self.monitor))
 
     @property
+    def last_model_path(self) -> str:
+        """``dirpath/checkpoint_latest`` if it exists, else ``""``: what ``--ckpt_path last`` resumes."""
+        latest = self.dirpath / LATEST_NAME
+        return str(latest) if latest.exists() else ""
+
+    @property
+    def stopped_by_ctrl_c(self) -> bool:
+        """Whether a first Ctrl-C (not a SIGTERM) made the graceful stop of this run."""
+        return self._sigint.forwarded
+
+    @property
     def save_time(self) -> tuple[float, int]:
         """Seconds the training loop was blocked by saves in this process, and how many saves."""
         return self._save_seconds, self._saves
@@ -141,6 +153,12 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fresh run never mixes its files (top-K, best) with another run's: refused before any step.
+        fresh = not trainer.ckpt_path
+        earlier = earlier_checkpoints(self.dirpath) if trainer.is_global_zero and fresh else []
+        earlier = trainer.strategy.broadcast(earlier, src=0)
+        if earlier:
+            raise refusal(self.dirpath, "checkpoints", earlier)
         if trainer.is_global_zero and self._resume_deletions:
             for name in self._resume_deletions:
                 remove_path(self.dirpath / name)
@@ -165,7 +183,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         # "mid-epoch", and a resume with a larger max_steps continues the epoch (at train end
         # Lightning has already counted the cut-short epoch as completed).
         last_step = trainer.max_steps not in (None, -1) and step >= trainer.max_steps
-        if (periodic or last_step) and not trainer.is_last_batch:  # else saved at train epoch end
+        # At the epoch's last batch or before a validation of this step, the save waits for it (one file
+        # per step; a state saved before a due validation would resume past it, never running it).
+        if (periodic or last_step) and not trainer.is_last_batch and not _validation_follows(trainer):
             self._save(trainer)
 
     @override
@@ -322,6 +342,13 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             remove_path(self.dirpath / name)
         if deletions:
             fsync_dir(self.dirpath)
+
+
+def _validation_follows(trainer: pl.Trainer) -> bool:
+    """Whether the fit loop runs a validation right after this training batch (Lightning's own test)."""
+    loop = trainer.fit_loop
+    fetcher = getattr(loop, "_data_fetcher", None)
+    return fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(fetcher))
 
 
 def _gather_rng_states(trainer: pl.Trainer) -> list[dict[str, Any]]:

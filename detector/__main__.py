@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 import sys
 
+from detector.bundle.writer import BundleExistsError
 from detector.cli import build_cli
+from detector.run_folder import LastCheckpointError, RunFolderError
 
 # Verbs beside LightningCLI's own: each module has ``main(argv) -> int``.
 TOOLS = {
@@ -24,7 +26,12 @@ def main(args: list[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    build_cli(args)
+    try:
+        build_cli(args)
+    except (RunFolderError, BundleExistsError, LastCheckpointError) as error:
+        # Refused before training, nothing written: one line, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

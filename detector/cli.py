@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
@@ -13,6 +15,7 @@ from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.reader import read_checkpoint_header
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
+from detector.run_folder import earlier_checkpoints, refusal, resolve_last
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -52,9 +55,15 @@ class DetectorCLI(LightningCLI):
         """Use a checkpoint's saved model hyperparameters, as LightningCLI does, but without pickle.
 
         Lightning's own version reads the file with ``torch.load``; this reads the safetensors header.
+        ``--ckpt_path last`` becomes ``checkpoint_latest`` in ``--checkpoint.dirpath`` (file or sharded
+        folder), or a clear error where there is none (Lightning's "last" looks only for its own
+        ``ModelCheckpoint`` and would start from scratch).
         """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path == "last":
+            ckpt_path = str(resolve_last(self.config[subcommand]["checkpoint"]["dirpath"]))
+            self.config[subcommand]["ckpt_path"] = ckpt_path
         if not ckpt_path or not Path(ckpt_path).exists():
             return
         hparams = dict(read_checkpoint_header(ckpt_path)["state"].get("hyper_parameters") or {})
@@ -65,8 +74,29 @@ class DetectorCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         ckpt_path, data = config.get("ckpt_path"), config["data"]
+        if self.subcommand == "fit" and not ckpt_path and not config["trainer"].get("fast_dev_run"):
+            # Decided before anything is built; the checkpoint callback checks again for Trainer users.
+            earlier = earlier_checkpoints(config["checkpoint"]["dirpath"])
+            if earlier:
+                raise refusal(config["checkpoint"]["dirpath"], "checkpoints", earlier)
         if ckpt_path and Path(ckpt_path).exists() and data.get("tokenizer_path") is None:
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a fit stopped by SIGTERM or Ctrl-C writes its summary and exits with 128 + signal."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as stop:  # SIGTERMException; Lightning's exit(1) after a KeyboardInterrupt
+            callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+            summary = next((cb for cb in callbacks if isinstance(cb, RunSummary)), None)
+            signum = summary.stop_signal if summary is not None else None
+            if signum is None and isinstance(stop, SIGTERMException):
+                signum = signal.SIGTERM
+            if signum is None:
+                raise
+            if summary is not None:
+                summary.write_stopped(self.trainer)
+            raise SystemExit(128 + int(signum)) from None
 
 
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:

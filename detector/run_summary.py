@@ -53,6 +53,7 @@ def build_summary(
     saves: int | None,
     checkpoints: Mapping[str, Any] | None,
     bundles: Sequence[str],
+    stopped: str = "finished",
 ) -> dict[str, Any]:
     """The summary as plain JSON-able values.
 
@@ -64,6 +65,7 @@ def build_summary(
         saves: checkpoint writes in this process.
         checkpoints: :func:`checkpoint_section`'s output, or None without a checkpoint callback.
         bundles: paths of the inference bundles the run wrote and keeps.
+        stopped: why the run stopped: ``"finished"``, or the signal that interrupted it (``"SIGTERM"``).
     """
     return {
         "global_step": int(global_step),
@@ -73,6 +75,7 @@ def build_summary(
         "saves": saves,
         "checkpoints": None if checkpoints is None else dict(checkpoints),
         "bundles": list(bundles),
+        "stopped": stopped,
     }
 
 
@@ -104,7 +107,9 @@ def _score(value: float | None) -> str:
 
 def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
     """The summary as (label, value) rows, the order the table shows them."""
-    rows = [
+    stopped = summary.get("stopped", "finished")
+    rows = [] if stopped == "finished" else [("stopped by", f"{stopped}: resume with --ckpt_path last")]
+    rows += [
         ("steps", str(summary["global_step"])),
         ("epochs", str(summary["epochs"])),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),

@@ -92,7 +92,7 @@ def test_write_summary_is_strict_json_and_leaves_no_temp(tmp_path):
     path = write_summary(summary, tmp_path / "out" / "summary.json")
     assert json.loads(path.read_text()) == {
         "global_step": 3, "epochs": 1, "wall_time_s": 1.235, "save_time_s": 0.5, "saves": 2,
-        "checkpoints": None, "bundles": [],
+        "checkpoints": None, "bundles": [], "stopped": "finished",
     }  # fmt: skip
     assert sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]
     with pytest.raises(ValueError):

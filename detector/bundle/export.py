@@ -6,10 +6,12 @@ end in :func:`detector.bundle.writer.write_bundle`; what they share lives here, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +25,7 @@ from detector.bundle.thresholds import (
     rates_at_threshold,
     threshold_at_fpr,
 )
-from detector.bundle.writer import write_bundle
+from detector.bundle.writer import METADATA_FILE, write_bundle
 from detector.checkpoint.reader import load_checkpoint_state
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
@@ -57,9 +59,14 @@ def bundle_name(version: str, epoch: int | None = None) -> str:
     return f"model_v{validate_version(version)}_" + ("final" if epoch is None else f"epoch{epoch}")
 
 
+def final_name_at(version: str, step: int) -> str:
+    """``model_v{version}_final_step{step}``: a run's final bundle once the run was extended past ``step``."""
+    return f"{bundle_name(version)}_step{int(step)}"
+
+
 def existing_bundles(root: str | Path, version: str) -> list[str]:
     """Names of the committed bundles of ``version`` in ``root`` (temp folders excluded), sorted."""
-    pattern = re.compile(rf"model_v{re.escape(validate_version(version))}_(final|epoch\d+)")
+    pattern = re.compile(rf"model_v{re.escape(validate_version(version))}_(final|final_step\d+|epoch\d+)")
     root = Path(root)
     if not root.is_dir():
         return []
@@ -71,12 +78,69 @@ def remove_bundle(path: str | Path) -> None:
 
     The folder is first renamed to a hidden temp name (:func:`detector.atomic.temp_path_for`, atomic),
     so a crash mid-delete leaves only a temp folder for :func:`detector.atomic.clean_stale_temps`,
-    never a half-deleted bundle that looks complete.
+    never a half-deleted bundle that looks complete. Deleting what is already gone (a kill after an
+    earlier removal) is done, not an error.
     """
     path = Path(path)
     doomed = temp_path_for(path)
-    os.rename(path, doomed)
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
     shutil.rmtree(doomed)
+
+
+def bundle_origin(path: str | Path) -> tuple[str | None, int | None]:
+    """``(run_id, step)`` from a bundle's metadata; ``None`` for what it does not say or cannot be read."""
+    try:
+        metadata = json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(metadata, dict):
+        return None, None
+    run_id, step = metadata.get("run_id"), metadata.get("step")
+    return (run_id if isinstance(run_id, str) else None), (step if isinstance(step, int) else None)
+
+
+@dataclass
+class LineagePlan:
+    """What a (resumed) run does with the bundles of its version already in its folder.
+
+    ``foreign``: written by another run (or by no known run): the run is refused, nothing touched.
+    ``stale``: written by this run's lineage after the step it resumes from: removed, the resumed run
+    writes them again when due. ``renames``: the lineage's final bundle at or before that step, kept
+    under :func:`final_name_at` so the extended run's final bundle takes the plain name.
+    """
+
+    foreign: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    renames: list[tuple[str, str]] = field(default_factory=list)
+
+
+def plan_lineage(
+    root: str | Path, version: str, run_id: str, step: int, written: Sequence[str]
+) -> LineagePlan:
+    """Sort the bundles of ``version`` in ``root`` for run ``run_id`` resuming at ``step`` (no Trainer).
+
+    A bundle is this run's when its metadata names ``run_id`` or when it is in ``written`` (the epoch
+    bundles the checkpoint says the run kept). ``final_step*`` bundles of the lineage stay as they are.
+    """
+    root, plan, final = Path(root), LineagePlan(), bundle_name(version)
+    for name in existing_bundles(root, version):
+        owner, at = bundle_origin(root / name)
+        if owner != run_id or at is None:
+            if name not in written:
+                plan.foreign.append(name)
+        elif at > step:
+            plan.stale.append(name)
+        elif name == final:
+            target = final_name_at(version, at)
+            # The same final state already kept under that name (resumed at the step it ended): a copy.
+            if (root / target).exists():
+                plan.stale.append(name)
+            else:
+                plan.renames.append((name, target))
+    return plan
 
 
 def hf_state_dict(module_state: Mapping[str, Tensor], prefix: str = MODULE_PREFIX) -> dict[str, Tensor]:

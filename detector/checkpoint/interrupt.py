@@ -23,6 +23,7 @@ class GracefulSigint:
 
     def __init__(self) -> None:
         self._previous: Any = None
+        self.forwarded = False  # a Ctrl-C was turned into the graceful stop
 
     @property
     def installed(self) -> bool:
@@ -44,6 +45,7 @@ class GracefulSigint:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.uninstall()
+        self.forwarded = True
         log.warning("Ctrl-C: stopping after this batch and saving checkpoint_latest (Ctrl-C again: stop now)")
         handler = signal.getsignal(signal.SIGTERM)
         if callable(handler):
