@@ -25,6 +25,7 @@ from detector.bundle.export import (
     hf_state_dict,
     plan_lineage,
     remove_bundle,
+    retire_final,
     validate_version,
 )
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
@@ -47,9 +48,10 @@ class InferenceExportCallback(Callback):
     state, so a resumed or extended run keeps it) and its ``step``. Before training, a run sorts the
     bundles of ``version`` in ``dirpath`` (:func:`detector.bundle.export.plan_lineage`): another run's
     stop it with one line, nothing touched; its own bundles written after the step it resumes from (a
-    kill before the checkpoint recording them) are removed and written again when due; its own final
-    bundle is kept as ``model_v{version}_final_step{S}`` so the extended run's final bundle takes the
-    plain name. At the start of
+    kill before the checkpoint recording them) are removed and written again when due. At the end, the
+    lineage's earlier final bundle (a run being extended) is kept as ``model_v{version}_final_step{S}``
+    so the new final bundle takes the plain name; a re-run that ends where that one did writes none.
+    At the start of
     ``fit``, global rank zero removes the hidden temp folders a killed export left in ``dirpath``
     (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another process
     while a run starts.
@@ -148,7 +150,14 @@ class InferenceExportCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._reconciled:  # a resume whose loop was already done skips on_train_start
             self._reconcile(trainer)
-        self._export(trainer, pl_module, bundle_name(self.version))
+        there = None
+        if trainer.is_global_zero:
+            there, kept = retire_final(self.dirpath, self.version, str(self._run_id), trainer.global_step)
+            if kept:
+                fsync_dir(self.dirpath)
+                rank_zero_info(f"The final bundle of the run this one extends is now {self.dirpath / kept}")
+        if not trainer.strategy.broadcast(there, src=0):
+            self._export(trainer, pl_module, bundle_name(self.version))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -180,10 +189,7 @@ class InferenceExportCallback(Callback):
         for name in plan.stale:
             remove_bundle(self.dirpath / name)
             rank_zero_info(f"Removed {self.dirpath / name}: written after the resumed checkpoint")
-        for name, kept in plan.renames:
-            os.rename(self.dirpath / name, self.dirpath / kept)
-            rank_zero_info(f"The final bundle of the run being extended is now {self.dirpath / kept}")
-        if plan.stale or plan.renames:
+        if plan.stale:
             fsync_dir(self.dirpath)
 
     def _monitored(self, trainer: pl.Trainer) -> float:

@@ -107,14 +107,12 @@ class LineagePlan:
     """What a (resumed) run does with the bundles of its version already in its folder.
 
     ``foreign``: written by another run (or by no known run): the run is refused, nothing touched.
-    ``stale``: written by this run's lineage after the step it resumes from: removed, the resumed run
-    writes them again when due. ``renames``: the lineage's final bundle at or before that step, kept
-    under :func:`final_name_at` so the extended run's final bundle takes the plain name.
+    ``stale``: written by this run's lineage after the step it resumes from (a kill before the
+    checkpoint recording them): removed, the resumed run writes them again when due.
     """
 
     foreign: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
-    renames: list[tuple[str, str]] = field(default_factory=list)
 
 
 def plan_lineage(
@@ -123,9 +121,9 @@ def plan_lineage(
     """Sort the bundles of ``version`` in ``root`` for run ``run_id`` resuming at ``step`` (no Trainer).
 
     A bundle is this run's when its metadata names ``run_id`` or when it is in ``written`` (the epoch
-    bundles the checkpoint says the run kept). ``final_step*`` bundles of the lineage stay as they are.
+    bundles the checkpoint says the run kept); the lineage's bundles up to ``step`` stay as they are.
     """
-    root, plan, final = Path(root), LineagePlan(), bundle_name(version)
+    root, plan = Path(root), LineagePlan()
     for name in existing_bundles(root, version):
         owner, at = bundle_origin(root / name)
         if owner != run_id or at is None:
@@ -133,14 +131,29 @@ def plan_lineage(
                 plan.foreign.append(name)
         elif at > step:
             plan.stale.append(name)
-        elif name == final:
-            target = final_name_at(version, at)
-            # The same final state already kept under that name (resumed at the step it ended): a copy.
-            if (root / target).exists():
-                plan.stale.append(name)
-            else:
-                plan.renames.append((name, target))
     return plan
+
+
+def retire_final(root: str | Path, version: str, run_id: str, step: int) -> tuple[bool, str | None]:
+    """Before run ``run_id`` writes its final bundle at ``step``: ``(already_there, kept_as)``.
+
+    ``already_there``: the lineage's final bundle of ``step`` exists (a finished run re-run), nothing to
+    write. Otherwise the lineage's earlier final bundle (the run being extended) is renamed to
+    :func:`final_name_at` its step, its name returned, so the new final bundle takes the plain name.
+    """
+    root = Path(root)
+    final = root / bundle_name(version)
+    owner, at = bundle_origin(final) if final.is_dir() else (None, None)
+    if owner != run_id or at is None:
+        return False, None
+    if at == step:
+        return True, None
+    kept = final_name_at(version, at)
+    if (root / kept).exists():  # the same final state already kept under that name
+        remove_bundle(final)
+        return False, None
+    os.rename(final, root / kept)
+    return False, kept
 
 
 def hf_state_dict(module_state: Mapping[str, Tensor], prefix: str = MODULE_PREFIX) -> dict[str, Tensor]:
