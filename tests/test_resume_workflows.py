@@ -101,8 +101,7 @@ def test_the_same_command_twice_in_one_folder_is_refused_before_anything_is_writ
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: outputs/checkpoints already holds checkpoints of another run (checkpoint_best_val_f1"
-        ".safetensors, checkpoint_latest.safetensors, checkpoint_top_epoch_0_step_6_val_f1_1.0000.safetensors"
-        ", ...); nothing was written. To go on: resume that run with `--ckpt_path last`, or run this one "
+        ".safetensors, checkpoint_epoch_0.safetensors, checkpoint_latest.safetensors, ...); nothing was written. To go on: resume that run with `--ckpt_path last`, or run this one "
         "in another output folder (e.g. from another directory)."
     )
     assert _files(Path("outputs")) == before  # nothing overwritten, no new log version
