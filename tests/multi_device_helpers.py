@@ -45,7 +45,7 @@ def cli_fit(cwd: Path, data: dict[str, Path], config: str, *extra: str) -> str:
         "--data.tokenizer_root", str(cwd.parent / "tokenizer"), "--data.tokenizer_vocab_size", "200",
         *extra,
     ]  # fmt: skip
-    cwd.mkdir(parents=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
@@ -54,9 +54,9 @@ def cli_fit(cwd: Path, data: dict[str, Path], config: str, *extra: str) -> str:
     return output
 
 
-def metric_rows(cwd: Path) -> list[dict[str, str]]:
-    """The rows of the run's CSV log."""
-    with open(cwd / "outputs/logs/version_0/metrics.csv") as handle:
+def metric_rows(cwd: Path, version: int = 0) -> list[dict[str, str]]:
+    """The rows of the run's CSV log (``logs/version_{version}``)."""
+    with open(cwd / f"outputs/logs/version_{version}/metrics.csv") as handle:
         return list(csv.DictReader(handle))
 
 

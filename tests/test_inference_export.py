@@ -16,7 +16,8 @@ from callbacks.inference_export import InferenceExportCallback
 from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
-from detector.bundle.writer import BundleExistsError, read_metadata
+from detector.bundle.writer import read_metadata
+from detector.run_folder import RunFolderError
 
 LABELS = [i % 2 for i in range(len(TEXTS))]
 
@@ -184,7 +185,7 @@ def test_existing_bundles_of_the_version_stop_the_run_before_training(tmp_path, 
     (root / "model_v1.0_final").mkdir(parents=True)
     (root / "model_v1.0_final" / "config.json").write_text("{}")
     callback = InferenceExportCallback(dirpath=str(root))
-    with pytest.raises(BundleExistsError, match=r"\['model_v1\.0_final'\].*bump `version`"):
+    with pytest.raises(RunFolderError, match=r"bundles of version 1\.0 of another run \(model_v1\.0_final\)"):
         _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6])
     assert _names(root) == ["model_v1.0_final"]
     assert (root / "model_v1.0_final" / "config.json").read_text() == "{}"
@@ -249,7 +250,7 @@ def test_state_of_another_version_is_not_ours_to_prune():
     callback = InferenceExportCallback(version="2.0")
     callback.load_state_dict({"best": 0.9, "written": ["model_v1.0_epoch3"], "version": "1.0"})
     assert callback.written == []
-    assert callback.state_dict() == {"best": 0.9, "written": [], "version": "2.0"}
+    assert callback.state_dict() == {"best": 0.9, "written": [], "version": "2.0", "run_id": None}
 
 
 def test_missing_monitor_names_what_was_logged(tmp_path, bundle_tokenizer):

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
 from transformers import DebertaV2ForSequenceClassification
 
+from detector.bundle.export import bundle_origin
 from detector.checkpoint.format import load_state
-from detector.checkpoint.reader import load_checkpoint_state
+from detector.checkpoint.reader import load_checkpoint_state, read_checkpoint_header
 from detector.checkpoint.sharded import INDEX_NAME, read_index, shard_name
 from detector.checkpoint.strategy import SafetensorsModelParallelStrategy, optimizer_state_by_name
 from detector.checkpoint.topk import LATEST_NAME, best_name, epoch_name, step_name, top_k_name
@@ -349,3 +350,25 @@ def test_optimizer_state_is_keyed_by_name_through_the_group_positions() -> None:
     other = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match=r"param groups of sizes \[2, 2\], this one \[4\]"):
         optimizer_state_by_name(optimizer.state_dict(), other, model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp", "fsdp"])
+def test_a_finished_multi_device_run_extends_with_ckpt_path_last(tmp_path, data, config) -> None:
+    strategy, extra = (DDP, STEP_FILES) if config == "ddp" else (FSDP, FSDP_ARGS)
+    cwd = tmp_path / "run"
+    cli_fit(cwd, data, strategy, *extra, "--trainer.max_steps", "4")
+    cli_fit(cwd, data, strategy, *extra, "--trainer.max_steps", "8", "--ckpt_path", "last")
+    latest = cwd / "outputs/checkpoints" / LATEST_NAME
+    assert latest.is_dir() == (config == "fsdp")
+    assert read_checkpoint_header(latest)["state"]["global_step"] == 8
+    found = {p.name: bundle_origin(p) for p in (cwd / "outputs/models/inference").iterdir()}
+    run_id = found["model_v1.0_final"][0]
+    assert run_id is not None
+    assert found == {
+        "model_v1.0_epoch0": (run_id, 6),
+        "model_v1.0_final": (run_id, 8),
+        "model_v1.0_final_step4": (run_id, 4),
+    }
+    steps = sorted({int(r["step"]) for r in metric_rows(cwd, version=1) if r["train_loss_step"]})
+    assert steps == [4, 5, 6, 7]  # the extension continues at the step the first run stopped

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from detector.__main__ import main
 from detector.bundle.export import bundle_origin, remove_bundle
@@ -101,7 +102,8 @@ def test_the_same_command_twice_in_one_folder_is_refused_before_anything_is_writ
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: outputs/checkpoints already holds checkpoints of another run (checkpoint_best_val_f1"
-        ".safetensors, checkpoint_epoch_0.safetensors, checkpoint_latest.safetensors, ...); nothing was written. To go on: resume that run with `--ckpt_path last`, or run this one "
+        ".safetensors, checkpoint_epoch_0.safetensors, checkpoint_latest.safetensors, ...); nothing was "
+        "written. To go on: resume that run with `--ckpt_path last`, or run this one "
         "in another output folder (e.g. from another directory)."
     )
     assert _files(Path("outputs")) == before  # nothing overwritten, no new log version
@@ -229,3 +231,61 @@ def test_a_kill_during_a_mid_epoch_validation_after_a_same_step_save_reruns_that
     assert step_of(tmp_path / LATEST) < 9  # the step-9 file waits for step 9's validation
     assert fit_child(tmp_path, demo_files, *every, "--ckpt_path", "last") == 0
     assert history_steps(tmp_path) == [3, 6, 9, 12]
+
+
+# The soak: one run killed (SIGKILL) in every window around bundles and `best`, resumed with
+# `--ckpt_path last` each time, ends where the uninterrupted run ends. Validation every 3 steps (6 in all),
+# val_loss ranks checkpoints and bundles (it falls from the start: `best` moves), a bundle each epoch
+# with keep_last=1 (rotations at steps 9 and 15), a step file every step (always a checkpoint to resume).
+SOAK_ARGS = (
+    "--trainer.max_epochs", "3", "--trainer.val_check_interval", "3",
+    "--checkpoint.every_n_train_steps", "1", "--checkpoint.monitor", "val_loss", "--checkpoint.mode", "min",
+    "--trainer.callbacks+", _export(every_n_epochs=1, keep_last=1, monitor="val_loss", mode="min"),
+)  # fmt: skip
+SOAK_KILLS = [
+    {"where": "detector.bundle.writer._fsync_tree"},  # inside the first bundle write, before its rename
+    {"where": "callbacks.safetensors_checkpoint.atomic_link", "match": "best"},  # bundle in, `best` not
+    {"where": "callbacks.safetensors_checkpoint.atomic_link", "match": "best", "nth": 2, "when": "after"},
+    {"where": "callbacks.inference_export.remove_bundle", "when": "after"},  # rotation done, unrecorded
+    {"where": "shutil.rmtree", "match": ".model_v"},  # inside a rotation: renamed away, not yet deleted
+]
+
+
+def _check_whole(cwd: Path) -> None:
+    load_checkpoint_state(cwd / LATEST)  # verifies the checksum
+    for folder in (cwd / INFERENCE).iterdir():
+        assert folder.name.startswith(".") or {"model.safetensors", "training_metadata.json"} <= {
+            p.name for p in folder.iterdir()
+        }, folder
+
+
+@pytest.mark.slow
+def test_kill_soak_in_bundle_writes_rotations_and_best_relinking_ends_as_the_straight_run(
+    tmp_path, demo_files
+):
+    straight, soaked = tmp_path / "straight", tmp_path / "soaked"
+    straight.mkdir(), soaked.mkdir()
+    assert fit_child(straight, demo_files, *SOAK_ARGS) == 0
+    for i, kill in enumerate(SOAK_KILLS):
+        resume = ("--ckpt_path", "last") if i else ()
+        assert (
+            fit_child(soaked, demo_files, *SOAK_ARGS, *resume, "--trainer.callbacks+", _kill(**kill)) == -9
+        ), kill
+        _check_whole(soaked)
+    assert fit_child(soaked, demo_files, *SOAK_ARGS, "--ckpt_path", "last") == 0
+    _check_whole(soaked)
+    assert history_steps(soaked) == history_steps(straight) == [3, 6, 9, 12, 15, 18]
+    found = bundles(soaked / INFERENCE)
+    assert {name: step for name, (_, step) in found.items()} == {
+        "model_v1.0_epoch2": 15,
+        "model_v1.0_final": 18,
+    }
+    assert len({run_id for run_id, _ in found.values()}) == 1
+    names = sorted(p.name for p in (soaked / "outputs/checkpoints").iterdir())
+    assert names == sorted(p.name for p in (straight / "outputs/checkpoints").iterdir())
+    for name in names:  # every checkpoint, `best` included, holds the straight run's weights
+        want = load_checkpoint_state(straight / "outputs/checkpoints" / name)["state_dict"]
+        have = load_checkpoint_state(soaked / "outputs/checkpoints" / name)["state_dict"]
+        assert all(torch.equal(have[k], want[k]) for k in want), name
+    best = load_checkpoint_state(soaked / "outputs/checkpoints/checkpoint_best_val_loss.safetensors")
+    assert best["global_step"] > 3  # `best` moved while the run went on
