@@ -61,7 +61,9 @@ def test_the_guide_produced_what_it_describes(workdir):
     assert (checkpoints / "checkpoint_best_val_f1.safetensors").is_file()
     summary = json.loads((workdir / "outputs" / "summary.json").read_text())
     assert summary["global_step"] == 18  # resumed to epoch 3: 6 steps an epoch
-    assert {Path(p).name for p in summary["bundles"]} >= {"model_v1.1_final"}
+    assert {Path(p).name for p in summary["bundles"]} >= {"model_v1.0_final"}
+    inference = workdir / "outputs" / "models" / "inference"
+    assert (inference / "model_v1.0_final_step12").is_dir()  # the first run's final bundle, kept
     scores = [json.loads(line) for line in (workdir / "scores.jsonl").read_text().splitlines()]
     assert [row["id"] for row in scores] == [1]
     assert set(scores[0]) == {"id", "prob_machine", "label", "is_machine"}
