@@ -13,8 +13,8 @@ from typing_extensions import override
 
 
 class KillAt(Callback):
-    """SIGKILLs this process at the ``nth`` call of the function ``where`` (``module.name``) whose first
-    argument contains ``match``, ``before`` or ``after`` the call: a kill inside a chosen window."""
+    """SIGKILLs this process at the ``nth`` call of the function ``where`` (``module.name``) with an
+    argument that contains ``match``, ``before`` or ``after`` the call: a kill inside a chosen window."""
 
     def __init__(
         self, where: str, nth: int = 1, when: Literal["before", "after"] = "before", match: str = ""
@@ -28,7 +28,7 @@ class KillAt(Callback):
         original, calls = getattr(module, name), [0]
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            hit = not self.match or (bool(args) and self.match in str(args[0]))
+            hit = not self.match or any(self.match in str(arg) for arg in args)
             calls[0] += hit
             if hit and calls[0] == self.nth and self.when == "before":
                 os.kill(os.getpid(), signal.SIGKILL)

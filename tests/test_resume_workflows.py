@@ -234,7 +234,8 @@ def test_a_kill_during_a_mid_epoch_validation_after_a_same_step_save_reruns_that
 
 
 # The soak: one run killed (SIGKILL) in every window around bundles and `best`, resumed with
-# `--ckpt_path last` each time, ends where the uninterrupted run ends. Validation every 3 steps (6 in all),
+# `--ckpt_path last` each time, ends where the uninterrupted run ends (5 processes; the windows right
+# after a bundle and after a rotation have their own test above). Validation every 3 steps (6 in all),
 # val_loss ranks checkpoints and bundles (it falls from the start: `best` moves), a bundle each epoch
 # with keep_last=1 (rotations at steps 9 and 15), a step file every step (always a checkpoint to resume).
 SOAK_ARGS = (
@@ -244,9 +245,8 @@ SOAK_ARGS = (
 )  # fmt: skip
 SOAK_KILLS = [
     {"where": "detector.bundle.writer._fsync_tree"},  # inside the first bundle write, before its rename
-    {"where": "callbacks.safetensors_checkpoint.atomic_link", "match": "best"},  # bundle in, `best` not
+    # the second time `best` moves (the metric still improving), after its link, before `latest`'s
     {"where": "callbacks.safetensors_checkpoint.atomic_link", "match": "best", "nth": 2, "when": "after"},
-    {"where": "callbacks.inference_export.remove_bundle", "when": "after"},  # rotation done, unrecorded
     {"where": "shutil.rmtree", "match": ".model_v"},  # inside a rotation: renamed away, not yet deleted
 ]
 
