@@ -154,7 +154,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fresh run never mixes its files (top-K, best) with another run's: refused before any step.
-        fresh = not trainer.ckpt_path
+        fresh = not trainer.ckpt_path and not self._skip(trainer)  # fast_dev_run saves nothing
         earlier = earlier_checkpoints(self.dirpath) if trainer.is_global_zero and fresh else []
         earlier = trainer.strategy.broadcast(earlier, src=0)
         if earlier:
