@@ -289,3 +289,12 @@ def test_kill_soak_in_bundle_writes_rotations_and_best_relinking_ends_as_the_str
         assert all(torch.equal(have[k], want[k]) for k in want), name
     best = load_checkpoint_state(soaked / "outputs/checkpoints/checkpoint_best_val_loss.safetensors")
     assert best["global_step"] > 3  # `best` moved while the run went on
+
+
+def test_the_checkpoint_callback_answers_last_with_checkpoint_latest(tmp_path):
+    from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+
+    callback = SafetensorsTopKCheckpoint(dirpath=str(tmp_path))
+    assert callback.last_model_path == ""
+    (tmp_path / "checkpoint_latest.safetensors").mkdir()  # a sharded run's folder counts too
+    assert callback.last_model_path == str(tmp_path / "checkpoint_latest.safetensors")
