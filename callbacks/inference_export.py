@@ -51,10 +51,9 @@ class InferenceExportCallback(Callback):
     kill before the checkpoint recording them) are removed and written again when due. At the end, the
     lineage's earlier final bundle (a run being extended) is kept as ``model_v{version}_final_step{S}``
     so the new final bundle takes the plain name; a re-run that ends where that one did writes none.
-    At the start of
-    ``fit``, global rank zero removes the hidden temp folders a killed export left in ``dirpath``
-    (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another process
-    while a run starts.
+    At the start of ``fit``, global rank zero removes the hidden temp folders a killed export left in
+    ``dirpath`` (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another
+    process while a run starts.
 
     Example::
 
@@ -113,7 +112,10 @@ class InferenceExportCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != TrainerFn.FITTING or not trainer.is_global_zero:
+        if stage != TrainerFn.FITTING:
+            return
+        self._reconciled = False  # once per fit, after the state is restored
+        if not trainer.is_global_zero:
             return
         for path in clean_stale_temps(self.dirpath):
             rank_zero_info(f"Removed a temporary bundle folder left by a killed export: {path}")
