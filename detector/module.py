@@ -14,6 +14,7 @@ from detector.backbone import build_classifier
 from detector.checkpoint.plugin import SafetensorsLoadingMixin
 from detector.loader import apply_pending_loader_states
 from detector.metrics import classification_metrics
+from detector.scoring import prob_machine
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
@@ -103,7 +104,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        scores = logits.float().softmax(-1)[:, 1]
+        scores = prob_machine(logits)
         loss = self._loss(logits, batch["labels"])
         self.log(
             f"{prefix}_loss",
@@ -143,7 +144,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self.log_dict(self.test_metrics)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        scores = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)[:, 1]
+        scores = prob_machine(self(batch["input_ids"], batch["attention_mask"]))
         return {"index": batch["index"], "prob_machine": scores}
 
     def configure_optimizers(self) -> Any:

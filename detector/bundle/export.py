@@ -6,9 +6,7 @@ end in :func:`detector.bundle.writer.write_bundle`; what they share lives here, 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -16,15 +14,11 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.atomic import temp_path_for
-from detector.bundle.thresholds import (
-    DEFAULT_TARGET_FPR,
-    DEFAULT_THRESHOLD,
-    rates_at_threshold,
-    threshold_at_fpr,
-)
+from detector.atomic import remove_path
+from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import write_bundle
 from detector.checkpoint.reader import load_checkpoint_state
+from detector.scoring import DEFAULT_THRESHOLD
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
 MODULE_PREFIX = "model."  # DetectorModule keeps the Hugging Face classifier in its attribute `model`
@@ -69,14 +63,11 @@ def existing_bundles(root: str | Path, version: str) -> list[str]:
 def remove_bundle(path: str | Path) -> None:
     """Delete a bundle without ever leaving a partial one under its name.
 
-    The folder is first renamed to a hidden temp name (:func:`detector.atomic.temp_path_for`, atomic),
-    so a crash mid-delete leaves only a temp folder for :func:`detector.atomic.clean_stale_temps`,
-    never a half-deleted bundle that looks complete.
+    :func:`detector.atomic.remove_path`: the folder is first renamed to a hidden temp name (atomic,
+    fsynced), so a crash mid-delete leaves only a temp folder for
+    :func:`detector.atomic.clean_stale_temps`, never a half-deleted bundle that looks complete.
     """
-    path = Path(path)
-    doomed = temp_path_for(path)
-    os.rename(path, doomed)
-    shutil.rmtree(doomed)
+    remove_path(Path(path))
 
 
 def hf_state_dict(module_state: Mapping[str, Tensor], prefix: str = MODULE_PREFIX) -> dict[str, Tensor]:
