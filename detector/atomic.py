@@ -52,6 +52,14 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder below ``folder`` (``folder`` included) to disk."""
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            fsync_file(Path(dirpath, filename))
+        fsync_dir(Path(dirpath))
+
+
 def commit_file(tmp: Path, final: Path) -> None:
     """Make ``tmp`` durable and atomically move it onto ``final``.
 
@@ -126,10 +134,7 @@ def new_dir(final: Path) -> Iterator[Path]:
 
 def _commit_new_dir(tmp: Path, final: Path) -> None:
     _require_same_folder(tmp, final, "folder")
-    for dirpath, _, filenames in os.walk(tmp):
-        for filename in filenames:
-            fsync_file(Path(dirpath, filename))
-        fsync_dir(Path(dirpath))
+    fsync_tree(tmp)
     if os.path.lexists(final):
         raise FileExistsError(errno.EEXIST, "appeared while it was written", str(final))
     try:
