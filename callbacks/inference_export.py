@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -15,6 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from callbacks.ema import EMACallback
 from detector.atomic import clean_stale_temps
 from detector.bundle.export import (
     ValidationScores,
@@ -27,6 +27,7 @@ from detector.bundle.export import (
 )
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import BundleExistsError, write_bundle
+from detector.checkpoint.monitor import improves, monitored_metrics
 
 
 class InferenceExportCallback(Callback):
@@ -35,7 +36,7 @@ class InferenceExportCallback(Callback):
     ``fit`` ends, keeping at most ``keep_last`` epoch bundles.
 
     Each bundle is written by :func:`detector.bundle.writer.write_bundle` (atomic, never overwritten): the
-    EMA weights when a callback with ``averaged_state_dict()`` is present, else the module's; the
+    EMA weights when an :class:`~callbacks.ema.EMACallback` is present, else the module's; the
     threshold for ``target_fpr`` from the module's ``last_val_scores()`` (see
     :class:`detector.bundle.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
     the 0-based ``trainer.current_epoch``; at most one bundle per epoch. A run refuses to start
@@ -124,7 +125,7 @@ class InferenceExportCallback(Callback):
         if self.every_n_epochs is not None:
             due = (epoch + 1) % self.every_n_epochs == 0
         else:
-            due = self._improved(self._monitored(trainer))
+            due = self._improved(trainer)
         name = bundle_name(self.version, epoch)
         if not due or name in self._written:
             return
@@ -149,19 +150,10 @@ class InferenceExportCallback(Callback):
         # Epoch bundles of another version are not ours to prune.
         self._written = list(state_dict["written"]) if state_dict.get("version") == self.version else []
 
-    def _monitored(self, trainer: pl.Trainer) -> float:
-        metrics = trainer.callback_metrics
-        if self.monitor not in metrics:
-            raise KeyError(
-                f"`{self.monitor}` was not logged; logged: {sorted(metrics)}. "
-                f"Did you call self.log({self.monitor!r}, ...)?"
-            )
-        return float(metrics[self.monitor])
-
-    def _improved(self, score: float) -> bool:
-        if math.isnan(score):
-            return False
-        better = self._best is None or (score > self._best if self.mode == "max" else score < self._best)
+    def _improved(self, trainer: pl.Trainer) -> bool:
+        # Rank zero's metric decides on every rank: the export gathers weights (a collective).
+        score = monitored_metrics(trainer, self.monitor)[self.monitor]
+        better = improves(score, self._best, self.mode)
         if better:
             self._best = score
         return better
@@ -181,7 +173,7 @@ class InferenceExportCallback(Callback):
     @staticmethod
     def _weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], str]:
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        ema = next((cb for cb in callbacks if hasattr(cb, "averaged_state_dict")), None)
+        ema = next((cb for cb in callbacks if isinstance(cb, EMACallback)), None)
         if ema is not None:
             return hf_state_dict(ema.averaged_state_dict()), "ema"
         return hf_state_dict(pl_module.state_dict()), "trained"

@@ -18,6 +18,7 @@ from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree
 from detector.checkpoint.background import BackgroundWriteError, SerialJobs
 from detector.checkpoint.format import save_state, snapshot_state
 from detector.checkpoint.interrupt import GracefulSigint
+from detector.checkpoint.monitor import monitored_metrics
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
 from detector.checkpoint.topk import (
@@ -172,7 +173,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
-        metrics = self._monitored_metrics(trainer)
+        metrics = monitored_metrics(trainer, self.monitor)  # rank zero's: every rank saves alike
         epoch, step, score = trainer.current_epoch, trainer.global_step, metrics[self.monitor]
         self._tracker.record(epoch, step, metrics)
         name = top_k_name(self.monitor, epoch, step, score)
@@ -259,17 +260,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def _skip(self, trainer: pl.Trainer) -> bool:
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or fast_dev_run
-
-    def _monitored_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        logged = trainer.callback_metrics
-        if self.monitor not in logged:
-            raise ValueError(
-                f"`{self.monitor}` was not logged; logged: {sorted(logged)}."
-                f" Did you call self.log('{self.monitor}', ...)?"
-            )
-        metrics = {k: float(v) for k, v in logged.items() if torch.as_tensor(v).numel() == 1}
-        # Rank zero's values decide for every rank, so all ranks call the same saves (collectives).
-        return trainer.strategy.broadcast(metrics, src=0)
 
     def _register_epoch(self, trainer: pl.Trainer) -> None:
         epoch, every = trainer.current_epoch, self.every_n_epochs
