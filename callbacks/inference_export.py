@@ -45,6 +45,16 @@ class InferenceExportCallback(Callback):
     (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another process
     while a run starts.
 
+    Args:
+        dirpath: folder that receives the bundles.
+        version: semantic version ``X.Y`` or ``X.Y.Z`` in the bundle names; bump it for a new run.
+        monitor: logged metric whose improvement triggers an epoch bundle.
+        mode: ``max`` when a higher ``monitor`` is better, ``min`` when lower is.
+        every_n_epochs: export every N epochs regardless of ``monitor``; ``None``: on improvement.
+        keep_last: how many epoch bundles of this run to keep, oldest deleted first.
+        target_fpr: false-positive rate on validation that the stored decision threshold aims at.
+        onnx: also write a checked ``model.onnx`` into each bundle.
+
     Example::
 
         trainer:

@@ -22,6 +22,10 @@ class PredictionWriter(BasePredictionWriter):
     ``label`` is ``machine`` when ``prob_machine > threshold``. With several processes each rank
     writes its own share to ``predictions.rank{N}.jsonl``. The file is committed atomically.
 
+    Args:
+        output_path: the JSONL file to write.
+        threshold: P(machine) above which a row is labelled ``machine``.
+
     Example:
         .. code-block:: yaml
 

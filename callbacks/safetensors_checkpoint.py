@@ -59,6 +59,18 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
 
+    Args:
+        dirpath: folder of the checkpoint files.
+        monitor: logged metric that ranks checkpoints (top K, best).
+        mode: ``max`` when a higher ``monitor`` is better, ``min`` when lower is.
+        save_top_k: how many of the best checkpoints by ``monitor`` to keep (0: none, -1: all).
+        every_n_epochs: save ``checkpoint_epoch_N`` every N completed epochs (0: never).
+        keep_last_epochs: how many epoch files to keep, newest first (-1: all).
+        every_n_train_steps: save ``checkpoint_step_N`` every N optimizer steps (0: never).
+        keep_last_steps: how many step files to keep, newest first (-1: all).
+        async_save: write in a background thread after a CPU snapshot (full-state files only).
+        save_on_interrupt: save ``checkpoint_latest`` on SIGTERM or a first Ctrl-C before stopping.
+
     Example:
         .. code-block:: yaml
 

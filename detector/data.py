@@ -67,11 +67,14 @@ class DetectorDataModule(LightningDataModule):
         tokenizer_path: a folder holding a saved tokenizer to use as is; the CLI fills it from the
             checkpoint when given ``--ckpt_path``, so a checkpoint is resumed, tested or scored with
             the very tokenizer it was trained with.
+        demo_dir: where the synthetic demo corpus is written when ``train_path`` is ``None``.
         tokenizer_root: where a locally trained tokenizer is saved, one folder per training data
             fingerprint, and reused by later runs on the same data.
         tokenizer_vocab_size: target vocabulary size of a locally trained tokenizer.
         max_length: truncation length in tokens.
-        batch_size: training batch size; ``eval_batch_size`` defaults to twice it.
+        batch_size: training batch size.
+        eval_batch_size: batch size of validation, test and predict; ``None``: twice ``batch_size``.
+        val_fraction: share of the training groups split off for validation when ``val_path`` is ``None``.
         balance: class imbalance handling: ``loss_weights`` (inverse class frequency in the loss),
             ``sampler`` (balanced sampling with replacement), or ``none``.
         num_workers: DataLoader worker processes.

@@ -20,8 +20,6 @@ NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "
 
 
 class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[misc]
-    loss_weight: torch.Tensor
-
     """Fine-tunes ``DebertaV2ForSequenceClassification`` to flag machine-written text.
 
     Args:
@@ -32,8 +30,11 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay; biases and LayerNorm weights get none.
         warmup_ratio: share of the optimizer steps spent warming up linearly, then linear decay to 0.
-        betas, eps: AdamW settings.
+        betas: AdamW's coefficients of the running averages of the gradient and its square.
+        eps: AdamW's term added to the denominator for numerical stability.
     """
+
+    loss_weight: torch.Tensor
 
     def __init__(
         self,
