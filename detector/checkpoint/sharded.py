@@ -128,8 +128,8 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
     """Write ``state`` as a sharded checkpoint folder; a collective: every rank calls it with its state.
 
     Raises:
-        CheckpointFormatError: on every rank, if any rank failed to write (its message is included);
-            nothing is left at ``folder`` but what was there before.
+        CollectiveError: on every rank, if any rank failed to write (its message is included); in one
+            process the error itself. Nothing is left at ``folder`` but what was there before.
     """
     folder = Path(folder)
     rank, world_size = rank_world()
@@ -214,7 +214,9 @@ def load_sharded_state(folder: str | Path, targets: Mapping[str, DTensor] | None
             returned state. Every other sharded tensor is assembled whole on the CPU.
 
     Raises:
-        CheckpointFormatError: for a damaged folder (on every rank), or a target the checkpoint lacks.
+        CheckpointFormatError: for a damaged folder or a target the checkpoint lacks.
+        CollectiveError: with ``targets`` under several processes, on every rank, when any rank found
+            a damaged file (its message is included).
     """
     folder = Path(folder)
     if targets:  # every rank verifies a share of the files; all raise if any file is damaged
