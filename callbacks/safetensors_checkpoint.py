@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
 from detector.checkpoint.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint.compat import dump_checkpoint
 from detector.checkpoint.format import save_state, snapshot_state
 from detector.checkpoint.interrupt import GracefulSigint
 from detector.checkpoint.monitor import monitored_metrics
@@ -304,7 +305,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             if trainer.is_global_zero:
                 self._link_and_rotate(target, names[1:], deletions)
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
         snapshot = snapshot_state(checkpoint)

@@ -11,8 +11,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import get_linear_schedule_with_warmup
 
 from detector.backbone import build_classifier
+from detector.checkpoint.compat import apply_pending_loader_states, attached_trainer
 from detector.checkpoint.plugin import SafetensorsLoadingMixin
-from detector.loader import apply_pending_loader_states
 from detector.metrics import classification_metrics
 from detector.scoring import prob_machine
 
@@ -61,7 +61,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self._val_labels: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         has_weights = hasattr(datamodule, "class_weights") and stage == "fit"
         weights = datamodule.class_weights() if has_weights else None  # type: ignore[union-attr]
         if weights is not None:
