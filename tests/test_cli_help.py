@@ -90,3 +90,21 @@ def test_the_callbacks_checked_are_all_of_ours():
         "callbacks.run_summary.RunSummary",
         "callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint",
     ]
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _actions(sub)
+        elif not isinstance(action, argparse._HelpAction):
+            yield action
+
+
+@pytest.mark.parametrize("verb", ["checkpoints", "export", "score", "evaluate"])
+def test_every_argument_of_the_tool_verbs_has_help_text(verb):
+    module = importlib.import_module(f"detector.commands.{verb}")
+    parser = (getattr(module, "build_parser", None) or module._parser)()
+    assert [a.dest for a in _actions(parser) if not a.help] == []

@@ -39,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="bundle folder name (default model_vX.Y_epochN)")
     parser.add_argument("--no-ema", action="store_true", help="ship the trained weights even when EMA exists")
     parser.add_argument("--val-data", help="labelled file to choose the decision threshold on")
-    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument(
+        "--target-fpr", type=float, default=0.01, help="validation false-positive rate the threshold aims at"
+    )
     parser.add_argument("--onnx", action="store_true", help="also write a checked model.onnx")
     return parser
 

@@ -33,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format", choices=FORMATS, default="auto", help="input format (auto: by suffix; stdin: jsonl)"
     )
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or ONNX Runtime (model.onnx)"
+    )
     parser.add_argument(
         "--threshold", type=float, default=None, help="override the bundle's decision threshold"
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--text-field", default="text", help="JSONL key or CSV column of the text")
     parser.add_argument(
         "--id-field", default="id", help="JSONL key or CSV column of the id, copied when present"
