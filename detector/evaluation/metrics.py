@@ -73,7 +73,8 @@ def point_metrics(scores: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
     AUROC and the TPRs are ``None`` unless both classes are present.
     """
     scores, labels = as_arrays(scores, labels)
-    s, y = torch.from_numpy(scores).float(), torch.from_numpy(labels)
+    # Float64, as the module's scores (detector.scoring.prob_machine): float32 would merge near ties.
+    s, y = torch.from_numpy(scores), torch.from_numpy(labels)
     both = 0 < labels.sum() < labels.size
     metrics: dict[str, float | None] = {
         "auroc": float(binary_auroc(s, y)) if both else None,
