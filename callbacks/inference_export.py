@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from pathlib import Path
@@ -16,6 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 from typing_extensions import override
 
+from callbacks.ema import EMACallback
 from detector.atomic import clean_stale_temps, fsync_dir
 from detector.bundle.export import (
     LineagePlan,
@@ -30,6 +30,7 @@ from detector.bundle.export import (
 )
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import write_bundle
+from detector.checkpoint.monitor import improves, monitored_metrics
 from detector.run_folder import refusal
 
 
@@ -39,7 +40,7 @@ class InferenceExportCallback(Callback):
     ``fit`` ends, keeping at most ``keep_last`` epoch bundles.
 
     Each bundle is written by :func:`detector.bundle.writer.write_bundle` (atomic, never overwritten): the
-    EMA weights when a callback with ``averaged_state_dict()`` is present, else the module's; the
+    EMA weights when an :class:`~callbacks.ema.EMACallback` is present, else the module's; the
     threshold for ``target_fpr`` from the module's ``last_val_scores()`` (see
     :class:`detector.bundle.export.ValidationScores`), else 0.5 with the reason in the metadata. ``N`` is
     the 0-based ``trainer.current_epoch``; at most one bundle per epoch.
@@ -54,6 +55,16 @@ class InferenceExportCallback(Callback):
     At the start of ``fit``, global rank zero removes the hidden temp folders a killed export left in
     ``dirpath`` (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another
     process while a run starts.
+
+    Args:
+        dirpath: folder that receives the bundles.
+        version: semantic version ``X.Y`` or ``X.Y.Z`` in the bundle names; bump it for a new run.
+        monitor: logged metric whose improvement triggers an epoch bundle.
+        mode: ``max`` when a higher ``monitor`` is better, ``min`` when lower is.
+        every_n_epochs: export every N epochs regardless of ``monitor``; ``None``: on improvement.
+        keep_last: how many epoch bundles of this run to keep, oldest deleted first.
+        target_fpr: false-positive rate on validation that the stored decision threshold aims at.
+        onnx: also write a checked ``model.onnx`` into each bundle.
 
     Example::
 
@@ -137,7 +148,7 @@ class InferenceExportCallback(Callback):
         if self.every_n_epochs is not None:
             due = (epoch + 1) % self.every_n_epochs == 0
         else:
-            due = self._improved(self._monitored(trainer))
+            due = self._improved(trainer)
         name = bundle_name(self.version, epoch)
         if not due or name in self._written:
             return
@@ -194,19 +205,10 @@ class InferenceExportCallback(Callback):
         if plan.stale:
             fsync_dir(self.dirpath)
 
-    def _monitored(self, trainer: pl.Trainer) -> float:
-        metrics = trainer.callback_metrics
-        if self.monitor not in metrics:
-            raise KeyError(
-                f"`{self.monitor}` was not logged; logged: {sorted(metrics)}. "
-                f"Did you call self.log({self.monitor!r}, ...)?"
-            )
-        return float(metrics[self.monitor])
-
-    def _improved(self, score: float) -> bool:
-        if math.isnan(score):
-            return False
-        better = self._best is None or (score > self._best if self.mode == "max" else score < self._best)
+    def _improved(self, trainer: pl.Trainer) -> bool:
+        # Rank zero's metric decides on every rank: the export gathers weights (a collective).
+        score = monitored_metrics(trainer, self.monitor)[self.monitor]
+        better = improves(score, self._best, self.mode)
         if better:
             self._best = score
         return better
@@ -226,7 +228,7 @@ class InferenceExportCallback(Callback):
     @staticmethod
     def _weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], str]:
         callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        ema = next((cb for cb in callbacks if hasattr(cb, "averaged_state_dict")), None)
+        ema = next((cb for cb in callbacks if isinstance(cb, EMACallback)), None)
         if ema is not None:
             return hf_state_dict(ema.averaged_state_dict()), "ema"
         return hf_state_dict(pl_module.state_dict()), "trained"

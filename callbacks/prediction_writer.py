@@ -12,7 +12,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from typing_extensions import override
 
-from detector.atomic import commit_file, temp_path_for
+from detector.atomic import write_text
+from detector.scoring import DEFAULT_THRESHOLD, decision
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -20,6 +21,10 @@ class PredictionWriter(BasePredictionWriter):
 
     ``label`` is ``machine`` when ``prob_machine > threshold``. With several processes each rank
     writes its own share to ``predictions.rank{N}.jsonl``. The file is committed atomically.
+
+    Args:
+        output_path: the JSONL file to write.
+        threshold: P(machine) above which a row is labelled ``machine``.
 
     Example:
         .. code-block:: yaml
@@ -30,7 +35,7 @@ class PredictionWriter(BasePredictionWriter):
     """
 
     def __init__(
-        self, output_path: str = "outputs/predictions/predictions.jsonl", threshold: float = 0.5
+        self, output_path: str = "outputs/predictions/predictions.jsonl", threshold: float = DEFAULT_THRESHOLD
     ) -> None:
         super().__init__(write_interval="epoch")
         if not 0.0 <= threshold <= 1.0:
@@ -52,18 +57,11 @@ class PredictionWriter(BasePredictionWriter):
         ids = records.extra.get("id") if records is not None else None
         rows = []
         for row, prob in sorted(zip(index, probs, strict=True)):
-            is_machine = prob > self.threshold
-            line = {
-                "prob_machine": prob,
-                "label": "machine" if is_machine else "human",
-                "is_machine": is_machine,
-            }
+            line = decision(prob, self.threshold)
             rows.append({"id": ids[row], **line} if ids is not None else line)
         self._write(rows, trainer.global_rank if trainer.world_size > 1 else None)
 
     def _write(self, rows: list[dict[str, Any]], rank: int | None) -> None:
         path = self.output_path if rank is None else self.output_path.with_suffix(f".rank{rank}.jsonl")
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_path_for(path)
-        temp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        commit_file(temp, path)
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -35,6 +35,10 @@ class RunSummary(Callback):
     :class:`~callbacks.inference_export.InferenceExportCallback` in ``trainer.callbacks`` (either may
     be absent). Times are those of this process: a resumed run reports its own part.
 
+    Args:
+        path: the JSON file to write.
+        print_table: also print the summary as a table in the log.
+
     Example::
 
         summary:

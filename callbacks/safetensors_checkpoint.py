@@ -16,8 +16,10 @@ from typing_extensions import override
 
 from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
 from detector.checkpoint.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint.compat import dump_checkpoint
 from detector.checkpoint.format import save_state, snapshot_state
 from detector.checkpoint.interrupt import GracefulSigint
+from detector.checkpoint.monitor import monitored_metrics
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
 from detector.checkpoint.topk import (
@@ -58,6 +60,18 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     and deletions follow the commit; a failed write raises at the next save or at the end of fit.
 
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
+
+    Args:
+        dirpath: folder of the checkpoint files.
+        monitor: logged metric that ranks checkpoints (top K, best).
+        mode: ``max`` when a higher ``monitor`` is better, ``min`` when lower is.
+        save_top_k: how many of the best checkpoints by ``monitor`` to keep (0: none, -1: all).
+        every_n_epochs: save ``checkpoint_epoch_N`` every N completed epochs (0: never).
+        keep_last_epochs: how many epoch files to keep, newest first (-1: all).
+        every_n_train_steps: save ``checkpoint_step_N`` every N optimizer steps (0: never).
+        keep_last_steps: how many step files to keep, newest first (-1: all).
+        async_save: write in a background thread after a CPU snapshot (full-state files only).
+        save_on_interrupt: save ``checkpoint_latest`` on SIGTERM or a first Ctrl-C before stopping.
 
     Example:
         .. code-block:: yaml
@@ -192,7 +206,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._skip(trainer):
             return
-        metrics = self._monitored_metrics(trainer)
+        metrics = monitored_metrics(trainer, self.monitor)  # rank zero's: every rank saves alike
         epoch, step, score = trainer.current_epoch, trainer.global_step, metrics[self.monitor]
         self._tracker.record(epoch, step, metrics)
         name = top_k_name(self.monitor, epoch, step, score)
@@ -280,17 +294,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or fast_dev_run
 
-    def _monitored_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
-        logged = trainer.callback_metrics
-        if self.monitor not in logged:
-            raise ValueError(
-                f"`{self.monitor}` was not logged; logged: {sorted(logged)}."
-                f" Did you call self.log('{self.monitor}', ...)?"
-            )
-        metrics = {k: float(v) for k, v in logged.items() if torch.as_tensor(v).numel() == 1}
-        # Rank zero's values decide for every rank, so all ranks call the same saves (collectives).
-        return trainer.strategy.broadcast(metrics, src=0)
-
     def _register_epoch(self, trainer: pl.Trainer) -> None:
         epoch, every = trainer.current_epoch, self.every_n_epochs
         name = epoch_name(epoch)
@@ -322,7 +325,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             if trainer.is_global_zero:
                 self._link_and_rotate(target, names[1:], deletions)
             return
-        checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
         snapshot = snapshot_state(checkpoint)

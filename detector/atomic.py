@@ -1,4 +1,10 @@
-"""Crash-safe file commits: temp file in the same folder, fsync, rename, fsync the folder."""
+"""Crash-safe file commits: temp file in the same folder, fsync, rename, fsync the folder.
+
+The one home of every atomic write in the project: :func:`write_bytes` / :func:`write_text` (a small
+file at once), :func:`open_for_write` (a streamed file), :func:`new_dir` (a folder that must not
+exist yet, filled and then committed), :func:`replace_dir` / :func:`link_tree` (a folder that replaces
+another), :func:`atomic_link`, :func:`remove_path`, and :func:`clean_stale_temps` for a crash's leftovers.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import errno
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 TEMP_MARKER = ".tmp-"
 
@@ -44,6 +52,14 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder below ``folder`` (``folder`` included) to disk."""
+    for dirpath, _, filenames in os.walk(folder):
+        for filename in filenames:
+            fsync_file(Path(dirpath, filename))
+        fsync_dir(Path(dirpath))
+
+
 def commit_file(tmp: Path, final: Path) -> None:
     """Make ``tmp`` durable and atomically move it onto ``final``.
 
@@ -57,6 +73,76 @@ def commit_file(tmp: Path, final: Path) -> None:
     _require_same_folder(tmp, final, "file")
     fsync_file(tmp)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, folder fsync); return ``path``.
+
+    Readers see the old file or the new one, never a torn one; a failure leaves no temp file behind.
+    """
+    with open_for_write(path, "wb") as out:
+        out.write(data)
+    return Path(path)
+
+
+def write_text(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    """:func:`write_bytes` for ``text`` in ``encoding``."""
+    return write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def open_for_write(path: Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temp file beside ``path`` for writing; commit it onto ``path`` when the block ends.
+
+    For output written piece by piece (``detector score``). Only a block that ends without an
+    exception commits; otherwise the temp file is removed and ``path`` is left as it was.
+    """
+    final = Path(path)
+    tmp = temp_path_for(final)
+    try:
+        with tmp.open(mode, encoding=None if "b" in mode else encoding) as out:
+            yield out
+        commit_file(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def new_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh hidden temp folder beside ``final`` to fill; commit it as ``final`` when the block ends.
+
+    Every file and folder inside is fsynced, then the folder is renamed onto ``final``, which must not
+    exist (never overwritten, even by a writer racing this one), then the parent is fsynced. On an
+    exception, or when ``final`` exists, the temp folder is removed.
+
+    Raises:
+        FileExistsError: ``final`` exists, before the block or by the time of the commit.
+    """
+    final = Path(final)
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, "already exists", str(final))
+    tmp = temp_path_for(final)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _commit_new_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit_new_dir(tmp: Path, final: Path) -> None:
+    _require_same_folder(tmp, final, "folder")
+    fsync_tree(tmp)
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, "appeared while it was written", str(final))
+    try:
+        os.rename(tmp, final)  # fails on a non-empty folder at `final`; a file there is checked above
+    except OSError as err:
+        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, "appeared while it was written", str(final)) from err
+        raise
     fsync_dir(final.parent)
 
 

@@ -13,9 +13,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-LABELS = ("human", "machine")
-ID2LABEL = dict(enumerate(LABELS))
-LABEL2ID = {name: i for i, name in ID2LABEL.items()}
+from detector.scoring import ID2LABEL, LABEL2ID, LABELS
 
 # A small DeBERTa-v3-shaped architecture: v3's relative attention path (p2c|c2p, no absolute
 # position embeddings) at a size that trains in minutes on two CPU cores.
@@ -53,11 +51,6 @@ def architecture_config(vocab_size: int, pad_token_id: int = 0, **overrides: Any
         label2id=LABEL2ID,
         **arch,
     )
-
-
-def is_pretrained_source(name_or_path: str | None) -> bool:
-    """True when ``name_or_path`` names weights to load (a hub id or a local folder), not an architecture."""
-    return bool(name_or_path)
 
 
 def build_classifier(

@@ -67,11 +67,14 @@ class DetectorDataModule(LightningDataModule):
         tokenizer_path: a folder holding a saved tokenizer to use as is; the CLI fills it from the
             checkpoint when given ``--ckpt_path``, so a checkpoint is resumed, tested or scored with
             the very tokenizer it was trained with.
+        demo_dir: where the synthetic demo corpus is written when ``train_path`` is ``None``.
         tokenizer_root: where a locally trained tokenizer is saved, one folder per training data
             fingerprint, and reused by later runs on the same data.
         tokenizer_vocab_size: target vocabulary size of a locally trained tokenizer.
         max_length: truncation length in tokens.
-        batch_size: training batch size; ``eval_batch_size`` defaults to twice it.
+        batch_size: training batch size.
+        eval_batch_size: batch size of validation, test and predict; ``None``: twice ``batch_size``.
+        val_fraction: share of the training groups split off for validation when ``val_path`` is ``None``.
         balance: class imbalance handling: ``loss_weights`` (inverse class frequency in the loss),
             ``sampler`` (balanced sampling with replacement), or ``none``.
         num_workers: DataLoader worker processes.
@@ -107,6 +110,9 @@ class DetectorDataModule(LightningDataModule):
         self.save_hyperparameters()
         self._train_records: Records | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        # Computed once per run: `state_dict` runs at every checkpoint save.
+        self._fingerprint: str | None = None
+        self._tokenizer_files: dict[str, str] | None = None
         self.datasets: dict[str, EncodedDataset] = {}
         self.records: dict[str, Records] = {}
 
@@ -130,12 +136,23 @@ class DetectorDataModule(LightningDataModule):
         return self._train_records
 
     def data_fingerprint(self) -> str:
-        """SHA-256 of the training file's bytes: identifies the data a tokenizer or model was trained on."""
-        digest = hashlib.sha256()
-        with open(self._paths()["train"], "rb") as handle:  # type: ignore[arg-type]
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        return digest.hexdigest()
+        """SHA-256 of the training file's bytes: identifies the data a tokenizer or model was trained on.
+
+        Hashed once per data module (a run), not at every checkpoint save.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            with open(self._paths()["train"], "rb") as handle:  # type: ignore[arg-type]
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def tokenizer_files(self) -> dict[str, str]:
+        """The tokenizer's saved files (:func:`detector.tokenizer.tokenizer_files`), serialised once."""
+        if self._tokenizer_files is None:
+            self._tokenizer_files = tokenizer_files(self.tokenizer)
+        return dict(self._tokenizer_files)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -161,15 +178,12 @@ class DetectorDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpoints carry the tokenizer's files, so a checkpoint alone can be scored or exported."""
-        return {
-            "tokenizer_files": tokenizer_files(self.tokenizer),
-            "data_fingerprint": self.data_fingerprint(),
-        }
+        return {"tokenizer_files": self.tokenizer_files(), "data_fingerprint": self.data_fingerprint()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check that a resumed run tokenizes as the checkpoint's run did (data order: the loader's state)."""
         saved = state_dict.get("tokenizer_files", {}).get("tokenizer.json")
-        if saved is not None and saved != tokenizer_files(self.tokenizer).get("tokenizer.json"):
+        if saved is not None and saved != self.tokenizer_files().get("tokenizer.json"):
             raise ValueError(
                 "the checkpoint was trained with another tokenizer than this run's "
                 f"(data.tokenizer_root={cast(Any, self.hparams).tokenizer_root!r}); resume with the run's "

@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from detector.atomic import write_text
+
 TOPICS = [
     "the city budget",
     "a new coffee shop",
@@ -112,6 +114,7 @@ def write_demo_corpus(
     for offset, (split, size) in enumerate(sorted(sizes.items())):
         path = folder / f"{split}.jsonl"
         rows = demo_rows(size, seed * 1000 + offset)
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        # Atomic: under DDP every rank writes the same file while others may already read it.
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         paths[split] = path
     return paths

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from detector.checkpoint.compat import foreach_copy_, foreach_lerp_
+
 
 @dataclass(frozen=True)
 class EMASchedule:
@@ -173,9 +175,9 @@ class ExponentialMovingAverage:
             averages = [self._averages[i] for i in group]
             current = [_local(self._targets[i]) for i in group]
             current = [c.to(a.device, a.dtype) for c, a in zip(current, averages, strict=True)]
-            torch._foreach_lerp_(averages, current, 1.0 - decay)
+            foreach_lerp_(averages, current, 1.0 - decay)
         if self._copied:
-            torch._foreach_copy_(
+            foreach_copy_(
                 [self._averages[i] for i in self._copied], [_local(self._targets[i]) for i in self._copied]
             )
 
@@ -186,14 +188,14 @@ class ExponentialMovingAverage:
             raise RuntimeError("the EMA weights are already swapped in")
         targets = [_local(t) for t in self._targets]
         self._backup = [t.detach().to(device=self.device or t.device, copy=True) for t in targets]
-        torch._foreach_copy_(targets, self._averages)
+        foreach_copy_(targets, self._averages)
 
     @torch.no_grad()
     def swap_out(self) -> None:
         """Restore the training weights backed up by ``swap_in``, bit for bit."""
         if self._backup is None:
             raise RuntimeError("the EMA weights are not swapped in")
-        torch._foreach_copy_([_local(t) for t in self._targets], self._backup)
+        foreach_copy_([_local(t) for t in self._targets], self._backup)
         self._backup = None
 
     def state_dict(self, sharded: bool = False) -> dict[str, Tensor]:

@@ -152,18 +152,3 @@ def _check_global_batch(state_dict: dict[str, int], batch_size: int, sampler: Re
             f"run has {batch_size} on {sampler.world_size}: resume mid-epoch with the same global batch "
             "(data.batch_size x devices), or resume from an epoch-end checkpoint"
         )
-
-
-def apply_pending_loader_states(trainer: Any) -> None:
-    """Hand the checkpoint's dataloader states to the loaders Lightning already built.
-
-    Lightning 2.6 restores the fit loop (and with it the saved dataloader states) after
-    ``configure_optimizers``; when that asks for ``trainer.estimated_stepping_batches`` (as a
-    schedule over all steps does), the training loader is built first and ``setup_data`` never
-    loads the states into it, so a mid-epoch resume would replay the epoch from its start. Called
-    at ``on_train_start``, while the loop is still restarting, this applies them; it is a no-op
-    when Lightning already did.
-    """
-    fit_loop = trainer.fit_loop
-    if getattr(fit_loop, "_combined_loader_states_to_load", None):
-        fit_loop._load_combined_loader_states()

@@ -20,7 +20,7 @@ def tpr_at_fpr(scores: torch.Tensor, labels: torch.Tensor, max_fpr: float = 0.01
     labels = labels.long()
     if labels.numel() == 0 or labels.min() == labels.max():
         return torch.tensor(0.0)
-    fpr, tpr, _ = binary_roc(scores.float(), labels, thresholds=None)
+    fpr, tpr, _ = binary_roc(scores.double(), labels, thresholds=None)
     return tpr[fpr <= max_fpr].max()
 
 
@@ -42,7 +42,7 @@ class TPRAtFPR(Metric):
         self.add_state("labels", default=[], dist_reduce_fx="cat")
 
     def update(self, scores: torch.Tensor, labels: torch.Tensor) -> None:
-        self.scores.append(scores.detach().float())
+        self.scores.append(scores.detach().double())  # P(machine) is float64: no ties made here
         self.labels.append(labels.detach().long())
 
     def compute(self) -> torch.Tensor:

@@ -11,16 +11,15 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from transformers import get_linear_schedule_with_warmup
 
 from detector.backbone import build_classifier
+from detector.checkpoint.compat import apply_pending_loader_states, attached_trainer
 from detector.checkpoint.plugin import SafetensorsLoadingMixin
-from detector.loader import apply_pending_loader_states
 from detector.metrics import classification_metrics
+from detector.scoring import prob_machine
 
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
 
 class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[misc]
-    loss_weight: torch.Tensor
-
     """Fine-tunes ``DebertaV2ForSequenceClassification`` to flag machine-written text.
 
     Args:
@@ -31,8 +30,11 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         learning_rate: AdamW peak learning rate.
         weight_decay: AdamW weight decay; biases and LayerNorm weights get none.
         warmup_ratio: share of the optimizer steps spent warming up linearly, then linear decay to 0.
-        betas, eps: AdamW settings.
+        betas: AdamW's coefficients of the running averages of the gradient and its square.
+        eps: AdamW's term added to the denominator for numerical stability.
     """
+
+    loss_weight: torch.Tensor
 
     def __init__(
         self,
@@ -59,7 +61,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self._val_labels: list[torch.Tensor] = []
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
         has_weights = hasattr(datamodule, "class_weights") and stage == "fit"
         weights = datamodule.class_weights() if has_weights else None  # type: ignore[union-attr]
         if weights is not None:
@@ -103,7 +106,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
-        scores = logits.float().softmax(-1)[:, 1]
+        scores = prob_machine(logits)
         loss = self._loss(logits, batch["labels"])
         self.log(
             f"{prefix}_loss",
@@ -143,7 +146,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self.log_dict(self.test_metrics)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        scores = self(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)[:, 1]
+        scores = prob_machine(self(batch["input_ids"], batch["attention_mask"]))
         return {"index": batch["index"], "prob_machine": scores}
 
     def configure_optimizers(self) -> Any:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LABEL_NAMES = {"human": 0, "machine": 1}
+from detector.scoring import LABEL2ID
+
 OPTIONAL_COLUMNS = ("source", "generator", "group", "id")
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -48,8 +49,8 @@ def parse_label(value: Any, where: str) -> int:
         return int(value)
     if isinstance(value, str):
         key = value.strip().lower()
-        if key in LABEL_NAMES:
-            return LABEL_NAMES[key]
+        if key in LABEL2ID:
+            return LABEL2ID[key]
         if key in ("0", "1"):
             return int(key)
     raise DataError(f"{where}: label must be 0/1 or human/machine, got {value!r}")

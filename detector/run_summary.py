@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from detector.atomic import commit_file, temp_path_for
+from detector.atomic import write_text
 from detector.checkpoint.reader import disk_usage
 from detector.checkpoint.topk import CheckpointTracker
 
@@ -83,14 +83,7 @@ def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``summary`` as JSON to ``path`` atomically (temp file, fsync, rename); return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
-        tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-        commit_file(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 def _size(nbytes: int) -> str:

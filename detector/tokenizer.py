@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, DebertaV2Tokenizer, PreTrainedTokenizerBase
+
+from detector.atomic import new_dir
 
 # DeBERTa-v3 puts these at ids 0..3; [MASK] follows them here because the vocab is trained, not fixed.
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
@@ -53,8 +56,7 @@ def load_or_train_tokenizer(
     if (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(folder)
     tokenizer = train_tokenizer(texts, vocab_size)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder)
+    _commit_folder(folder, tokenizer.save_pretrained)
     return tokenizer
 
 
@@ -70,8 +72,7 @@ def tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
     if "tokenizer_config.json" not in files:
         raise ValueError(f"no tokenizer_config.json among the tokenizer files {sorted(files)}")
     with tempfile.TemporaryDirectory() as folder:
-        for name, text in files.items():
-            (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
+        _write_files(files, Path(folder))
         return AutoTokenizer.from_pretrained(folder)
 
 
@@ -111,9 +112,18 @@ def save_tokenizer_files(files: dict[str, str], folder: str | Path) -> Path:
     """Write :func:`tokenizer_files` output into ``folder`` (kept if it already exists), atomically."""
     folder = Path(folder)
     if not (folder / "tokenizer_config.json").is_file():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        for name, text in files.items():
-            (staging / Path(name).name).write_text(text, encoding="utf-8")
-        os.replace(staging, folder)
+        _commit_folder(folder, partial(_write_files, files))
     return folder
+
+
+def _write_files(files: dict[str, str], folder: Path) -> None:
+    for name, text in files.items():
+        (Path(folder) / Path(name).name).write_text(text, encoding="utf-8")
+
+
+def _commit_folder(folder: Path, fill: Callable[[Path], Any]) -> None:
+    """Fill a new ``folder`` atomically (:func:`detector.atomic.new_dir`); another process's is kept."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # A concurrent run (another rank) that committed it first wins; its files are the same.
+    with contextlib.suppress(FileExistsError), new_dir(folder) as staging:
+        fill(staging)

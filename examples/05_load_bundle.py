@@ -38,7 +38,7 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(BUNDLE).eval()
     with torch.no_grad():
         logits = model(**tokenizer(TEXTS, padding=True, truncation=True, return_tensors="pt")).logits
-    p_torch = logits.softmax(-1)[:, model.config.label2id["machine"]].numpy()
+    p_torch = logits.double().softmax(-1)[:, model.config.label2id["machine"]].numpy()
     print("P(machine), transformers:", p_torch)
 
     # 3. the detector API: P(machine) and a decision at the threshold stored in the bundle.

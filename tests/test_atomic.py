@@ -156,3 +156,65 @@ def test_remove_path_deletes_folders_files_and_missing_paths(tmp_path: Path) -> 
     for path in (folder, tmp_path / "file", tmp_path / "missing"):
         remove_path(path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _fsynced(monkeypatch) -> list[str]:
+    synced: list[str] = []
+    real = atomic.fsync_file
+    monkeypatch.setattr(atomic, "fsync_file", lambda path: (synced.append(Path(path).name), real(path)))
+    return synced
+
+
+def test_write_text_commits_through_an_fsynced_temp_beside_the_file(tmp_path: Path, monkeypatch) -> None:
+    synced = _fsynced(monkeypatch)
+    (tmp_path / "out.json").write_text("old")
+    atomic.write_text(tmp_path / "out.json", "new ✓")
+    assert (tmp_path / "out.json").read_bytes() == "new ✓".encode()
+    [temp] = synced
+    assert temp.startswith(f".out.json{TEMP_MARKER}{os.getpid()}-")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_open_for_write_keeps_the_old_file_and_no_temp_when_the_block_fails(tmp_path: Path) -> None:
+    (tmp_path / "out.jsonl").write_text("old\n")
+    with pytest.raises(RuntimeError, match="midway"), atomic.open_for_write(tmp_path / "out.jsonl") as out:
+        out.write("half\n")
+        raise RuntimeError("midway")
+    assert (tmp_path / "out.jsonl").read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_new_dir_commits_a_filled_folder_with_every_file_fsynced(tmp_path: Path, monkeypatch) -> None:
+    synced = _fsynced(monkeypatch)
+    with atomic.new_dir(tmp_path / "bundle") as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(f".bundle{TEMP_MARKER}")
+        (staging / "sub").mkdir()
+        (staging / "a.txt").write_text("a")
+        (staging / "sub" / "b.txt").write_text("b")
+    assert sorted(synced) == ["a.txt", "b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+    assert (tmp_path / "bundle" / "sub" / "b.txt").read_text() == "b"
+
+
+def test_new_dir_never_replaces_an_existing_folder(tmp_path: Path) -> None:
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "bundle" / "keep.txt").write_text("theirs")
+    with pytest.raises(FileExistsError), atomic.new_dir(tmp_path / "bundle"):
+        pytest.fail("the block must not run when the folder exists")
+    late = tmp_path / "late"
+    with (
+        pytest.raises(FileExistsError, match="appeared while it was written"),
+        atomic.new_dir(late) as staging,
+    ):
+        (staging / "mine.txt").write_text("mine")
+        late.mkdir()
+        (late / "keep.txt").write_text("theirs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "late"]
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["keep.txt"]
+
+
+def test_new_dir_removes_the_temp_folder_when_the_block_fails(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="midway"), atomic.new_dir(tmp_path / "bundle") as staging:
+        (staging / "a.txt").write_text("a")
+        raise RuntimeError("midway")
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from bundle_helpers import TEXTS, logits, metadata, shifted_weights, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForSequenceClassification, pipeline
 
+import detector.atomic as atomic_module
 import detector.bundle.onnx as onnx_module
 import detector.bundle.writer as bundle_module
 from detector.bundle.onnx import ONNX_TOLERANCE, encode, onnx_logits
@@ -187,13 +188,13 @@ def _fail(*args, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "target",
-    ["render_card", "_write_tokenizer", "_fsync_tree"],
+    ("module", "target"),
+    [(bundle_module, "render_card"), (bundle_module, "_write_tokenizer"), (atomic_module, "fsync_tree")],
 )
 def test_failure_mid_export_leaves_no_bundle_and_no_partial_files(
-    tmp_path, model, tokenizer, monkeypatch, target
+    tmp_path, model, tokenizer, monkeypatch, module, target
 ):
-    monkeypatch.setattr(bundle_module, target, _fail)
+    monkeypatch.setattr(module, target, _fail)
     with pytest.raises(RuntimeError, match="injected failure"):
         write_bundle(model, tokenizer, tmp_path, "model_v1.0_final", metadata())
     assert list(tmp_path.iterdir()) == []
@@ -210,13 +211,13 @@ def test_failed_rename_leaves_nothing(tmp_path, model, tokenizer, monkeypatch):
 
 
 def test_bundle_is_written_in_a_hidden_temp_folder_beside_it(tmp_path, model, tokenizer, monkeypatch):
-    real, seen = bundle_module._fsync_tree, []
+    real, seen = atomic_module.fsync_tree, []
 
     def look_then_fsync(folder):
         seen.extend(p.name for p in tmp_path.iterdir())
         real(folder)
 
-    monkeypatch.setattr(bundle_module, "_fsync_tree", look_then_fsync)
+    monkeypatch.setattr(atomic_module, "fsync_tree", look_then_fsync)
     write_bundle(model, tokenizer, tmp_path, "model_v1.0_final", metadata())
     [temp] = seen
     assert re.fullmatch(rf"\.model_v1\.0_final{re.escape(TEMP_MARKER)}{os.getpid()}-[0-9a-f]{{8}}", temp)
@@ -233,14 +234,14 @@ def test_existing_bundle_is_never_overwritten(tmp_path, model, tokenizer):
 
 
 def test_bundle_appearing_during_export_is_not_overwritten(tmp_path, model, tokenizer, monkeypatch):
-    real = bundle_module._fsync_tree
+    real = atomic_module.fsync_tree
 
     def fsync_then_race(folder):
         real(folder)
         (tmp_path / "race").mkdir()
         (tmp_path / "race" / "keep.txt").write_text("theirs")
 
-    monkeypatch.setattr(bundle_module, "_fsync_tree", fsync_then_race)
+    monkeypatch.setattr(atomic_module, "fsync_tree", fsync_then_race)
     with pytest.raises(BundleExistsError, match="race"):
         write_bundle(model, tokenizer, tmp_path, "race", metadata())
     assert [p.name for p in tmp_path.iterdir()] == ["race"]

@@ -87,3 +87,32 @@ def test_locally_trained_tokenizer_is_deterministic(tmp_path, demo_files):
     first = make_dm(tmp_path / "a", demo_files).tokenizer
     second = make_dm(tmp_path / "b", demo_files).tokenizer
     assert first.get_vocab() == second.get_vocab()
+
+
+def test_checkpoint_state_is_computed_once_per_run_not_at_every_save(tmp_path, demo_files, monkeypatch):
+    import hashlib
+    from types import SimpleNamespace
+
+    import detector.data as data_module
+    from detector.tokenizer import tokenizer_files
+
+    calls = {"hash": 0, "files": 0}
+
+    def counting_sha256():
+        calls["hash"] += 1
+        return hashlib.sha256()
+
+    def counting_files(tokenizer):
+        calls["files"] += 1
+        return tokenizer_files(tokenizer)
+
+    dm = make_dm(tmp_path, demo_files)
+    dm.tokenizer  # the tokenizer folder's name hashes the training file once  # noqa: B018
+    monkeypatch.setattr(data_module, "hashlib", SimpleNamespace(sha256=counting_sha256))
+    monkeypatch.setattr(data_module, "tokenizer_files", counting_files)
+    states = [dm.state_dict() for _ in range(3)]
+    assert calls == {"hash": 0, "files": 1}
+    assert states[0] == states[2]
+    assert states[0]["data_fingerprint"] == hashlib.sha256(demo_files["train"].read_bytes()).hexdigest()
+    states[0]["tokenizer_files"].clear()  # a caller's copy: the module's own stays whole
+    assert dm.state_dict()["tokenizer_files"] == tokenizer_files(dm.tokenizer)

@@ -44,3 +44,44 @@ def test_checkpoint_without_tokenizer_files_is_refused_naming_it(tmp_path, token
     with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(path))} holds no tokenizer files"):
         main([str(path), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_recorded_validation_rates_equal_what_score_yields_on_the_same_file(tmp_path, tokenizer):
+    import json
+
+    from conftest import write_jsonl
+
+    from detector.commands.score import main as score_main
+    from detector.demo import demo_rows
+
+    torch.manual_seed(3)
+    module = DetectorModule(arch=TINY, vocab_size=len(tokenizer))
+    checkpoint = {
+        "epoch": 1,
+        "global_step": 8,
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": {"max_length": 48},
+        "DetectorDataModule": {"tokenizer_files": tokenizer_files(tokenizer)},
+    }
+    save_state(checkpoint, tmp_path / "c.safetensors")
+    val = write_jsonl(tmp_path / "val.jsonl", demo_rows(70, seed=7))
+    args = [str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "out"), "--val-data", str(val)]
+    assert main([*args, "--target-fpr", "0.2"]) == 0
+    bundle = tmp_path / "out" / "model_v1.0_epoch1"
+    recorded = json.loads((bundle / "training_metadata.json").read_text())
+    assert score_main([str(bundle), str(val), "--output", str(tmp_path / "scores.jsonl")]) == 0
+
+    scores = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    labels = [json.loads(line)["label"] for line in val.read_text().splitlines()]
+    threshold = recorded["decision_threshold"]
+    human = [row for row, label in zip(scores, labels, strict=True) if label == 0]
+    machine = [row for row, label in zip(scores, labels, strict=True) if label == 1]
+    assert human and machine
+    # The threshold is one of the human scores, to the bit, as `score` computes them.
+    assert threshold in [row["prob_machine"] for row in human]
+    assert all(row["is_machine"] == (row["prob_machine"] > threshold) for row in scores)
+    fpr = sum(row["is_machine"] for row in human) / len(human)
+    tpr = sum(row["is_machine"] for row in machine) / len(machine)
+    assert (recorded["threshold_val_fpr"], recorded["threshold_val_tpr"]) == (fpr, tpr)
+    assert fpr <= 0.2

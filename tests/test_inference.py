@@ -3,13 +3,14 @@ import pytest
 import torch
 from bundle_helpers import TEXTS, logits
 
-from detector.bundle.loading import Detector, load_detector, prob_machine
+from detector.bundle.loading import Detector, load_detector
+from detector.scoring import prob_machine
 
 
 def test_prob_machine_is_the_softmax_second_column_without_overflow():
     raw = np.array([[0.0, 0.0], [1.0, 3.0], [2000.0, -2000.0], [-2000.0, 2000.0]])
     expected = torch.softmax(torch.tensor(raw[:2]), -1)[:, 1].numpy()
-    got = prob_machine(raw)
+    got = prob_machine(raw).numpy()
     np.testing.assert_allclose(got[:2], expected, rtol=0, atol=1e-15)
     assert got[2:].tolist() == [0.0, 1.0]
 

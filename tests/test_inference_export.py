@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from callbacks.ema import EMACallback
 from callbacks.inference_export import InferenceExportCallback
 from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
@@ -87,10 +88,11 @@ class TinyData(pl.LightningDataModule):
         return self._loader()
 
 
-class HalfEMA(Callback):
-    """Stands in for the EMA callback: its 'average' is half the module's current weights."""
+class HalfEMA(EMACallback):
+    """An EMA callback whose 'average' is half the module's current weights (easy to recognise)."""
 
     def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
         self.module = pl_module
 
     def averaged_state_dict(self):
@@ -170,6 +172,41 @@ def test_ema_weights_are_shipped_when_an_ema_callback_is_present(tmp_path, bundl
     shipped = load_file(bundle / "model.safetensors")
     assert all(torch.equal(shipped[k], v * 0.5) for k, v in module.model.state_dict().items())
     assert read_metadata(bundle)["weights"] == "ema"
+
+
+def test_a_callback_that_only_looks_like_an_ema_is_not_taken_for_one(tmp_path, bundle_tokenizer):
+    class LooksLikeEMA(Callback):
+        def averaged_state_dict(self):
+            raise AssertionError("not an EMACallback: must not be asked for weights")
+
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"))
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5], extra=[LooksLikeEMA()])
+    assert read_metadata(tmp_path / "inference" / "model_v1.0_final")["weights"] == "trained"
+
+
+def test_non_finite_metrics_never_count_as_improvements(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), keep_last=5)
+    _fit(tmp_path, bundle_tokenizer, callback, [math.inf, 0.5, math.inf, math.nan, 0.4, 0.6])
+    assert callback.written == ["model_v1.0_epoch1", "model_v1.0_epoch5"]
+
+
+def test_the_export_decision_uses_rank_zeros_broadcast_metric(tmp_path, bundle_tokenizer, monkeypatch):
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    broadcasts = []
+
+    def rank_zero_says(self, obj, src=0):
+        broadcasts.append(obj)
+        return {**obj, "val_f1": 0.9} if isinstance(obj, dict) and "val_f1" in obj else obj
+
+    monkeypatch.setattr(SingleDeviceStrategy, "broadcast", rank_zero_says)
+    callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), keep_last=5)
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5, 0.6], extra=[])
+    # This rank logged 0.5 then 0.6 (an improvement); rank zero's 0.9 twice is one improvement only.
+    assert callback.written == ["model_v1.0_epoch0"]
+    assert [b["val_f1"] for b in broadcasts if isinstance(b, dict) and "val_f1" in b] == pytest.approx(
+        [0.5, 0.6]
+    )
 
 
 def test_threshold_falls_back_to_half_without_validation_scores(tmp_path, bundle_tokenizer):
@@ -255,7 +292,7 @@ def test_state_of_another_version_is_not_ours_to_prune():
 
 def test_missing_monitor_names_what_was_logged(tmp_path, bundle_tokenizer):
     callback = InferenceExportCallback(dirpath=str(tmp_path / "inference"), monitor="val_auroc")
-    with pytest.raises(KeyError, match=r"`val_auroc` was not logged; logged: \['val_f1'\]"):
+    with pytest.raises(ValueError, match=r"`val_auroc` was not logged; logged: \['val_f1'\]"):
         _fit(tmp_path, bundle_tokenizer, callback, [0.5])
 
 

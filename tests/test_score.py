@@ -6,7 +6,7 @@ import re
 import pytest
 from bundle_helpers import TEXTS
 
-import detector.commands.score as score_module
+import detector.atomic as atomic
 from detector.bundle.loading import load_detector
 from detector.commands.score import main
 
@@ -101,13 +101,13 @@ def test_bad_options_exit_with_usage(saved_bundle):
 
 
 def test_output_file_is_written_under_a_hidden_temp_name_then_renamed(tmp_path, saved_bundle, monkeypatch):
-    real, temps = score_module.commit_file, []
+    real, temps = atomic.commit_file, []
 
     def spy(tmp, final):
         temps.append(tmp.name)
         real(tmp, final)
 
-    monkeypatch.setattr(score_module, "commit_file", spy)
+    monkeypatch.setattr(atomic, "commit_file", spy)
     (tmp_path / "t.txt").write_text("".join(t + "\n" for t in TEXTS[:3]))
     assert main([str(saved_bundle), str(tmp_path / "t.txt"), "-o", str(tmp_path / "out.jsonl")]) == 0
     [temp] = temps

@@ -36,3 +36,19 @@ def test_tokenizer_travels_as_files(texts):
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(files)
     rebuilt = tokenizer_from_files(files)
     assert rebuilt(texts[:3])["input_ids"] == tokenizer(texts[:3])["input_ids"]
+
+
+def test_saved_tokenizer_folders_are_committed_through_new_dir(tmp_path, texts, monkeypatch):
+    from detector import atomic
+    from detector.tokenizer import load_or_train_tokenizer, save_tokenizer_files, tokenizer_files
+
+    committed = []
+    real = atomic.fsync_tree
+    monkeypatch.setattr(atomic, "fsync_tree", lambda folder: (committed.append(folder.name), real(folder)))
+    tokenizer = load_or_train_tokenizer(tmp_path / "trained", texts, vocab_size=300)
+    save_tokenizer_files(tokenizer_files(tokenizer), tmp_path / "copy")
+    assert [name.split(atomic.TEMP_MARKER)[0] for name in committed] == [".trained", ".copy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy", "trained"]
+    assert (tmp_path / "copy" / "tokenizer.json").read_text() == (
+        tmp_path / "trained" / "tokenizer.json"
+    ).read_text()

@@ -66,7 +66,7 @@ tokenizer = AutoTokenizer.from_pretrained({path})
 model = AutoModelForSequenceClassification.from_pretrained({path}).eval()
 batch = tokenizer(["Some text to check."], truncation=True, max_length={max_length}, return_tensors="pt")
 with torch.inference_mode():
-    prob_machine = model(**batch).logits.softmax(-1)[:, 1]
+    prob_machine = model(**batch).logits.double().softmax(-1)[:, 1]
 print(prob_machine > {threshold!r})  # True: machine, at the stored threshold
 ```
 

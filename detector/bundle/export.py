@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.atomic import temp_path_for
-from detector.bundle.thresholds import (
-    DEFAULT_TARGET_FPR,
-    DEFAULT_THRESHOLD,
-    rates_at_threshold,
-    threshold_at_fpr,
-)
+from detector.atomic import remove_path
+from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import METADATA_FILE, write_bundle
 from detector.checkpoint.reader import load_checkpoint_state
+from detector.scoring import DEFAULT_THRESHOLD
 
 VERSION_PATTERN = re.compile(r"\d+\.\d+(\.\d+)?")
 MODULE_PREFIX = "model."  # DetectorModule keeps the Hugging Face classifier in its attribute `model`
@@ -76,18 +71,12 @@ def existing_bundles(root: str | Path, version: str) -> list[str]:
 def remove_bundle(path: str | Path) -> None:
     """Delete a bundle without ever leaving a partial one under its name.
 
-    The folder is first renamed to a hidden temp name (:func:`detector.atomic.temp_path_for`, atomic),
-    so a crash mid-delete leaves only a temp folder for :func:`detector.atomic.clean_stale_temps`,
-    never a half-deleted bundle that looks complete. Deleting what is already gone (a kill after an
-    earlier removal) is done, not an error.
+    :func:`detector.atomic.remove_path`: the folder is first renamed to a hidden temp name (atomic,
+    fsynced), so a crash mid-delete leaves only a temp folder for
+    :func:`detector.atomic.clean_stale_temps`, never a half-deleted bundle that looks complete.
+    Deleting what is already gone (a kill after an earlier removal) is done, not an error.
     """
-    path = Path(path)
-    doomed = temp_path_for(path)
-    try:
-        os.rename(path, doomed)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(doomed)
+    remove_path(Path(path))
 
 
 def bundle_origin(path: str | Path) -> tuple[str | None, int | None]:

@@ -8,24 +8,28 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from detector.backbone import ID2LABEL
 from detector.bundle.onnx import ONNX_FILE, encode
 from detector.bundle.writer import read_metadata
+from detector.scoring import DEFAULT_THRESHOLD, decision, prob_machine
 
 Backend = Literal["torch", "onnx"]
 LogitsFn = Callable[[dict[str, torch.Tensor]], np.ndarray]
+# Texts are length-sorted within windows of this many batches; `detector score` reads its input in
+# windows of the same size, so a file scores in the same batches wherever it is scored.
+WINDOW_BATCHES = 16
 
 
-def prob_machine(logits: np.ndarray) -> np.ndarray:
-    """P(machine) from ``(n, 2)`` logits: the softmax's second column, in float64 without overflow."""
-    logits = np.asarray(logits, dtype=np.float64)
-    return 0.5 * (1.0 + np.tanh(0.5 * (logits[:, 1] - logits[:, 0])))
-
-
-def _torch_logits(bundle: Path, device: str) -> LogitsFn:
-    model = AutoModelForSequenceClassification.from_pretrained(bundle).to(device).eval()
+def model_logits(model: PreTrainedModel, device: str = "cpu") -> LogitsFn:
+    """A :class:`Detector`'s logits function over an in-memory classifier (put in eval mode)."""
+    model = model.eval()
+    model.to(device)  # type: ignore[arg-type]  # transformers types `to` for its own dtypes only
 
     def logits(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
@@ -33,6 +37,10 @@ def _torch_logits(bundle: Path, device: str) -> LogitsFn:
         return out.float().cpu().numpy()
 
     return logits
+
+
+def _torch_logits(bundle: Path, device: str) -> LogitsFn:
+    return model_logits(AutoModelForSequenceClassification.from_pretrained(bundle), device)
 
 
 def _onnx_logits(bundle: Path) -> LogitsFn:
@@ -53,15 +61,16 @@ class Detector:
     """Scores texts with a bundle's classifier and labels them at its decision threshold.
 
     A text is labelled ``machine`` when ``prob_machine > threshold`` (see
-    :func:`detector.bundle.thresholds.threshold_at_fpr` for the tie rule).
+    :func:`detector.bundle.thresholds.threshold_at_fpr` for the tie rule); P(machine) is
+    :func:`detector.scoring.prob_machine` of the logits.
     """
 
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
         logits_fn: LogitsFn,
-        threshold: float,
-        max_length: int,
+        threshold: float = DEFAULT_THRESHOLD,
+        max_length: int = 512,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         if not 0.0 <= threshold <= 1.0:
@@ -77,24 +86,24 @@ class Detector:
     def score(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
         """``[{"prob_machine": p, "label": "human"|"machine", "is_machine": bool}, ...]`` in input order.
 
-        Texts are batched in order of length (less padding) and the results put back in input order.
+        Within each window of ``batch_size * WINDOW_BATCHES`` texts, texts are batched in order of
+        length (less padding); the results come back in input order.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
         if bad:
             raise ValueError(f"texts must be strings; items {bad[:5]} are not")
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        window = batch_size * WINDOW_BATCHES
         probs = np.empty(len(texts), dtype=np.float64)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            inputs = encode(self.tokenizer, [texts[i] for i in chunk], self.max_length)
-            probs[chunk] = prob_machine(self._logits(inputs))
-        return [self._result(float(p)) for p in probs]
-
-    def _result(self, p: float) -> dict[str, Any]:
-        is_machine = p > self.threshold
-        return {"prob_machine": p, "label": ID2LABEL[int(is_machine)], "is_machine": is_machine}
+        for first in range(0, len(texts), window):
+            indices = range(first, min(first + window, len(texts)))
+            order = sorted(indices, key=lambda i: len(texts[i]))
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                inputs = encode(self.tokenizer, [texts[i] for i in chunk], self.max_length)
+                probs[chunk] = prob_machine(self._logits(inputs)).numpy()
+        return [decision(float(p), self.threshold) for p in probs]
 
 
 def load_detector(

@@ -8,7 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-DEFAULT_THRESHOLD = 0.5
+from detector.scoring import DEFAULT_THRESHOLD
+
+__all__ = ["DEFAULT_TARGET_FPR", "DEFAULT_THRESHOLD", "rates_at_threshold", "threshold_at_fpr"]
+
 DEFAULT_TARGET_FPR = 0.01
 
 ArrayLike = Sequence[float] | np.ndarray | torch.Tensor

@@ -5,11 +5,11 @@ files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally,
 loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
 without any ``detector`` code, and with :func:`detector.bundle.loading.load_detector`.
 
-Everything is written into a hidden temporary folder inside ``root``
-(:func:`detector.atomic.temp_path_for`: ``.{name}.tmp-{pid}-{random}``, which no bundle listing
-matches and :func:`detector.atomic.clean_stale_temps` removes after a crash), every file and the
-folder are fsynced, the folder is renamed into place and ``root`` is fsynced. A failure leaves no
-bundle folder and no partial files; an existing bundle is never overwritten.
+Everything is written into a hidden temporary folder inside ``root`` and committed by
+:func:`detector.atomic.new_dir` (``.{name}.tmp-{pid}-{random}``, which no bundle listing matches and
+:func:`detector.atomic.clean_stale_temps` removes after a crash; every file and folder fsynced, renamed
+into place, ``root`` fsynced). A failure leaves no bundle folder and no partial files; an existing
+bundle is never overwritten.
 
 TorchScript is not offered: it is deprecated by PyTorch, Lightning and transformers. Use the ONNX
 export here (``onnx=True``) or ``torch.export``.
@@ -17,11 +17,9 @@ export here (``onnx=True``) or ``torch.export``.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,12 +29,11 @@ import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
-from detector.backbone import ID2LABEL, LABEL2ID
+from detector.atomic import TEMP_MARKER, new_dir
 from detector.bundle.card import render_card
 from detector.bundle.onnx import export_and_check
 from detector.bundle.provenance import git_state, package_versions, utc_now
-from detector.bundle.thresholds import DEFAULT_THRESHOLD
+from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
 
 METADATA_FILE = "training_metadata.json"
 CARD_FILE = "README.md"
@@ -60,13 +57,6 @@ REQUIRED_METADATA = (
 
 class BundleExistsError(FileExistsError):
     """A bundle of that name already exists; bundles are never overwritten."""
-
-
-def _fsync_tree(folder: Path) -> None:
-    for dirpath, _, filenames in os.walk(folder):
-        for filename in filenames:
-            fsync_file(Path(dirpath, filename))
-        fsync_dir(Path(dirpath))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -169,19 +159,6 @@ def _write_contents(
     _write_json(folder / METADATA_FILE, metadata)
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    _fsync_tree(tmp)
-    if os.path.lexists(final):
-        raise BundleExistsError(f"bundle {final} appeared during export; bundles are never overwritten")
-    try:
-        os.rename(tmp, final)
-    except OSError as err:
-        if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise BundleExistsError(f"bundle {final} already exists; bundles are never overwritten") from err
-        raise
-    fsync_dir(final.parent)
-
-
 def write_bundle(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -215,15 +192,16 @@ def write_bundle(
     _check_model(model, weights)
     completed = training_metadata(metadata, model, name)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    tmp.mkdir()
     try:
-        _write_contents(tmp, model, tokenizer, weights, completed, onnx)
-        (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
-        _commit(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with new_dir(final) as tmp:
+            _write_contents(tmp, model, tokenizer, weights, completed, onnx)
+            (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
+    except FileExistsError as err:
+        if isinstance(err, BundleExistsError):
+            raise
+        raise BundleExistsError(
+            f"bundle {final} appeared during export; bundles are never overwritten"
+        ) from err
     return final
 
 

@@ -7,6 +7,7 @@ The public API: save, load and verify a state file (:func:`save_state`, :func:`l
 Imports only torch, NumPy, Lightning, safetensors and :mod:`detector.atomic` (a test keeps it so).
 """
 
+from detector.checkpoint.collective import CollectiveError
 from detector.checkpoint.format import load_state, read_header, save_state, snapshot_state, verify_state
 from detector.checkpoint.plugin import SafetensorsCheckpointIO, load_module_from_checkpoint
 from detector.checkpoint.reader import (
@@ -23,6 +24,7 @@ from detector.checkpoint.tree import CheckpointFormatError
 __all__ = [
     "CheckpointFormatError",
     "CheckpointTracker",
+    "CollectiveError",
     "SafetensorsCheckpointIO",
     "SafetensorsModelParallelStrategy",
     "capture_rng_state",

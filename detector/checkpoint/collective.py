@@ -7,7 +7,18 @@ from typing import Any
 
 import torch.distributed as dist
 
-from detector.checkpoint.format import CheckpointFormatError
+
+class CollectiveError(RuntimeError):
+    """A step run on every rank failed on at least one; raised alike on every rank.
+
+    ``failures`` holds ``"rank R: ErrorType: message"`` for each failing rank. Not a
+    :class:`~detector.checkpoint.tree.CheckpointFormatError`: the cause may be a full disk or a
+    permission as well as a damaged file; the messages say which.
+    """
+
+    def __init__(self, what: str, failures: list[str]) -> None:
+        super().__init__(f"{what} failed: " + "; ".join(failures))
+        self.failures = failures
 
 
 def rank_world() -> tuple[int, int]:
@@ -29,7 +40,7 @@ def broadcast(value: Any) -> Any:
 def collectively(work: Callable[[], None], what: str, cleanup: Callable[[], None] | None = None) -> None:
     """Run ``work`` on every rank; if it fails on any, raise on all (no rank left waiting in a collective).
 
-    One process re-raises the error itself; several raise :class:`CheckpointFormatError` on every rank
+    One process re-raises the error itself; several raise :class:`CollectiveError` on every rank
     with each failing rank's message. ``cleanup`` runs on rank zero after a failure.
     """
     rank, world_size = rank_world()
@@ -50,4 +61,4 @@ def collectively(work: Callable[[], None], what: str, cleanup: Callable[[], None
     if failures:
         if cleanup is not None and rank == 0:
             cleanup()
-        raise CheckpointFormatError(f"{what} failed: " + "; ".join(failures))
+        raise CollectiveError(what, failures)

@@ -8,8 +8,8 @@ trainer's own restore machinery then restores model, optimizers, schedulers, loo
 calls ``torch.load`` directly (``lightning.pytorch.core.saving._load_from_checkpoint`` -> ``pl_load``).
 :class:`SafetensorsLoadingMixin` overrides it for a module class, reading the file with
 :func:`detector.checkpoint.format.load_state` and handing the dict to the same Lightning code that builds
-the module from a loaded checkpoint (``_pl_migrate_checkpoint`` and ``_load_state``, private but stable
-across 2.6.x; ``tests/test_checkpoint_io.py`` pins the behaviour).
+the module from a loaded checkpoint (private: :func:`detector.checkpoint.compat.build_module_from_checkpoint`;
+``tests/test_checkpoint_io.py`` pins the behaviour).
 """
 
 from __future__ import annotations
@@ -20,13 +20,12 @@ from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.core.saving import _load_state
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.migration.utils import _pl_migrate_checkpoint
 from typing_extensions import override
 
 from detector.atomic import fsync_dir, remove_path
+from detector.checkpoint.compat import PathLike as _PATH
+from detector.checkpoint.compat import build_module_from_checkpoint
 from detector.checkpoint.format import CheckpointFormatError, save_state
 from detector.checkpoint.reader import load_checkpoint_state
 
@@ -89,10 +88,7 @@ def load_module_from_checkpoint(
         raise CheckpointFormatError(
             f"{checkpoint_path}: holds no 'state_dict'; keys: {sorted(map(str, checkpoint))}"
         )
-    checkpoint = _pl_migrate_checkpoint(checkpoint, checkpoint_path=Path(checkpoint_path))
-    checkpoint.setdefault(cls.CHECKPOINT_HYPER_PARAMS_KEY, {})
-    checkpoint[cls.CHECKPOINT_HYPER_PARAMS_KEY].update(kwargs)
-    model = _load_state(cls, checkpoint, strict=strict, **kwargs)
+    model = build_module_from_checkpoint(cls, checkpoint, checkpoint_path, strict, **kwargs)
     if not isinstance(model, cls):
         raise TypeError(f"{checkpoint_path} built a {type(model).__name__}, expected {cls.__name__}")
     tensors = (t for t in checkpoint.get("state_dict", {}).values() if isinstance(t, torch.Tensor))

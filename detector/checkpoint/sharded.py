@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from detector.atomic import fsync_dir, replace_dir, temp_path_for
 from detector.checkpoint.collective import broadcast, collectively, rank_world
+from detector.checkpoint.compat import DCP_OFFSETS_KEY, local_shape_and_offset
 from detector.checkpoint.format import (
     CheckpointFormatError,
     load_state,
@@ -49,7 +49,7 @@ INDEX_NAME = "index.json"
 STATE_NAME = "state.safetensors"
 SHARDS_DIR = "shards"
 SHARDED_TAG = "__sharded_tensor__"
-OFFSETS_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
+OFFSETS_KEY = DCP_OFFSETS_KEY
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -117,7 +117,7 @@ def local_chunk(tensor: DTensor) -> tuple[torch.Tensor, list[int]] | None:
             )
         if placement.is_replicate() and coordinate[dim] != 0:
             return None
-    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    shape, offset = local_shape_and_offset(tensor)
     local = tensor.to_local()
     if tuple(local.shape) != tuple(shape):
         raise CheckpointFormatError(f"local shard has shape {tuple(local.shape)}, its placement says {shape}")
@@ -128,8 +128,8 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
     """Write ``state`` as a sharded checkpoint folder; a collective: every rank calls it with its state.
 
     Raises:
-        CheckpointFormatError: on every rank, if any rank failed to write (its message is included);
-            nothing is left at ``folder`` but what was there before.
+        CollectiveError: on every rank, if any rank failed to write (its message is included); in one
+            process the error itself. Nothing is left at ``folder`` but what was there before.
     """
     folder = Path(folder)
     rank, world_size = rank_world()
@@ -214,7 +214,9 @@ def load_sharded_state(folder: str | Path, targets: Mapping[str, DTensor] | None
             returned state. Every other sharded tensor is assembled whole on the CPU.
 
     Raises:
-        CheckpointFormatError: for a damaged folder (on every rank), or a target the checkpoint lacks.
+        CheckpointFormatError: for a damaged folder or a target the checkpoint lacks.
+        CollectiveError: with ``targets`` under several processes, on every rank, when any rank found
+            a damaged file (its message is included).
     """
     folder = Path(folder)
     if targets:  # every rank verifies a share of the files; all raise if any file is damaged

@@ -5,10 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning.fabric.strategies.model_parallel import (
-    _load_raw_module_state,
-)
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -21,6 +17,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from detector.checkpoint.compat import PathLike as _PATH
+from detector.checkpoint.compat import (
+    load_full_state_into_sharded_module,
+    model_parallel_sizes,
+    resolve_auto_parallel_sizes,
+    saves_distributed_checkpoint,
+)
 from detector.checkpoint.sharded import (
     INDEX_NAME,
     is_sharded_checkpoint,
@@ -81,21 +84,23 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
     @property
     def saves_sharded(self) -> bool:
         """Whether checkpoints are written as sharded folders (every rank writes)."""
-        return self._save_distributed_checkpoint
+        return saves_distributed_checkpoint(self)
 
     @override
     def setup_environment(self) -> None:
-        if self._tensor_parallel_size == "auto":
-            self._tensor_parallel_size = 1
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+        data_parallel, tensor_parallel = model_parallel_sizes(self)
+        resolve_auto_parallel_sizes(
+            self,
+            self.num_nodes * self.num_processes if data_parallel == "auto" else data_parallel,
+            1 if tensor_parallel == "auto" else tensor_parallel,
+        )
         super().setup_environment()
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.saves_sharded:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         if storage_options is not None:
@@ -114,7 +119,7 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
             )
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module, strict = self.model, self.lightning_module.strict_loading  # type: ignore[union-attr]
-        _load_raw_module_state(checkpoint["state_dict"], module, strict=strict)  # type: ignore[arg-type]
+        load_full_state_into_sharded_module(checkpoint["state_dict"], module, strict=strict)
         options = StateDictOptions(broadcast_from_rank0=True, full_state_dict=True, strict=strict)
         for optimizer, state in zip(self.optimizers, checkpoint.get("optimizer_states", []), strict=False):
             state = optimizer_state_by_name(state, optimizer, module)  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from detector.data import EncodedDataset, pad_batch
 from detector.evaluation.baseline import train_baseline
 from detector.evaluation.report import write_report
 from detector.records import Records, read_records
+from detector.scoring import prob_machine
 from detector.tokenizer import checkpoint_tokenizer
 
 DETECTOR, BASELINE = "detector", "tfidf_baseline"
@@ -56,8 +57,8 @@ def score_checkpoint(
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = pad_batch(items, tokenizer.pad_token_id or 0)
             logits = module(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            scores.append(logits.float().softmax(-1)[:, 1].cpu())
-    return torch.cat(scores).double().numpy()
+            scores.append(prob_machine(logits).cpu())
+    return torch.cat(scores).numpy()
 
 
 def score_bundle(

@@ -9,30 +9,26 @@ from typing import Any
 import torch
 
 from detector.bundle.export import checkpoint_weights, export_checkpoint
+from detector.bundle.loading import Detector, model_logits
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.module import DetectorModule
 from detector.records import read_records
 from detector.tokenizer import checkpoint_tokenizer
 
 
-@torch.no_grad()
 def score_file(
     model: Any, tokenizer: Any, path: str, max_length: int, batch_size: int = 32
-) -> tuple[Any, Any]:
-    """P(machine) and labels of every row of a labelled data file, for the threshold choice."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(machine) and labels of every row of a labelled data file, for the threshold choice.
+
+    Scored by :class:`detector.bundle.loading.Detector` with ``detector score``'s defaults (batch size,
+    length-sorted windows, tokenization), so the threshold is chosen on the very numbers that
+    ``python -m detector score BUNDLE path`` later compares with it.
+    """
     records = read_records(path)
-    model.eval()
-    probs = []
-    for start in range(0, len(records), batch_size):
-        batch = tokenizer(
-            records.text[start : start + batch_size],
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
-        probs.append(model(**batch).logits.float().softmax(-1)[:, 1])
-    return torch.cat(probs), torch.tensor(records.label)
+    detector = Detector(tokenizer, model_logits(model), max_length=max_length)
+    probs = [row["prob_machine"] for row in detector.score(records.text, batch_size=batch_size)]
+    return torch.tensor(probs, dtype=torch.float64), torch.tensor(records.label)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="bundle folder name (default model_vX.Y_epochN)")
     parser.add_argument("--no-ema", action="store_true", help="ship the trained weights even when EMA exists")
     parser.add_argument("--val-data", help="labelled file to choose the decision threshold on")
-    parser.add_argument("--target-fpr", type=float, default=0.01)
+    parser.add_argument(
+        "--target-fpr", type=float, default=0.01, help="validation false-positive rate the threshold aims at"
+    )
     parser.add_argument("--onnx", action="store_true", help="also write a checked model.onnx")
     return parser
 

@@ -12,13 +12,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from detector.atomic import commit_file, temp_path_for
-from detector.bundle.loading import Detector, load_detector
+from detector.atomic import open_for_write
+from detector.bundle.loading import WINDOW_BATCHES, Detector, load_detector
 
 Record = tuple[Any, str]  # (id or None, text)
 FORMATS = ("auto", "jsonl", "csv", "text")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".txt": "text"}
-CHUNK_BATCHES = 16  # batches read at once: texts are length-sorted within a chunk
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--format", choices=FORMATS, default="auto", help="input format (auto: by suffix; stdin: jsonl)"
     )
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
+    parser.add_argument(
+        "--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or ONNX Runtime (model.onnx)"
+    )
     parser.add_argument(
         "--threshold", type=float, default=None, help="override the bundle's decision threshold"
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     parser.add_argument("--text-field", default="text", help="JSONL key or CSV column of the text")
     parser.add_argument(
         "--id-field", default="id", help="JSONL key or CSV column of the id, copied when present"
@@ -106,7 +107,7 @@ def score_records(detector: Detector, records: Iterable[Record], out: IO[str], b
     """Score ``records`` chunk by chunk, write one JSON line each to ``out``; return the count."""
     count = 0
     iterator = iter(records)
-    while chunk := list(itertools.islice(iterator, batch_size * CHUNK_BATCHES)):
+    while chunk := list(itertools.islice(iterator, batch_size * WINDOW_BATCHES)):
         results = detector.score([text for _, text in chunk], batch_size=batch_size)
         for (record_id, _), result in zip(chunk, results, strict=True):
             row = {"id": record_id, **result} if record_id is not None else result
@@ -121,14 +122,8 @@ def _output(target: str) -> Iterator[IO[str]]:
     if target == "-":
         yield sys.stdout
         return
-    final = Path(target)
-    tmp = temp_path_for(final)
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            yield out
-        commit_file(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open_for_write(Path(target)) as out:
+        yield out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,8 @@ import zlib
 
 import numpy as np
 
+from detector.scoring import DEFAULT_THRESHOLD
+
 METRICS = ("auroc", "f1", "acc", "tpr_at_1fpr", "tpr_at_5fpr", "ece")
 
 
@@ -48,7 +50,11 @@ def _roc(scores: np.ndarray, labels: np.ndarray, w: np.ndarray) -> tuple[np.ndar
 
 
 def weighted_metrics(
-    scores: np.ndarray, labels: np.ndarray, counts: np.ndarray, threshold: float = 0.5, n_bins: int = 15
+    scores: np.ndarray,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+    n_bins: int = 15,
 ) -> dict[str, np.ndarray]:
     """Every metric of ``METRICS`` per row of ``counts``; NaN where a class is missing (AUROC, TPR)."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.float64)

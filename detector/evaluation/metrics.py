@@ -17,8 +17,8 @@ from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from detector.evaluation.bootstrap import percentile_intervals, resample_counts, weighted_metrics
 from detector.metrics import tpr_at_fpr
+from detector.scoring import DEFAULT_THRESHOLD
 
-THRESHOLD = 0.5  # F1 and accuracy flag a text as machine when P(machine) > 0.5, as torchmetrics does
 ECE_BINS = 15  # equal-width bins of P(machine) over [0, 1]
 BREAKDOWN_COLUMNS = ("source", "generator")
 
@@ -73,12 +73,13 @@ def point_metrics(scores: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
     AUROC and the TPRs are ``None`` unless both classes are present.
     """
     scores, labels = as_arrays(scores, labels)
-    s, y = torch.from_numpy(scores).float(), torch.from_numpy(labels)
+    # Float64, as the module's scores (detector.scoring.prob_machine): float32 would merge near ties.
+    s, y = torch.from_numpy(scores), torch.from_numpy(labels)
     both = 0 < labels.sum() < labels.size
     metrics: dict[str, float | None] = {
         "auroc": float(binary_auroc(s, y)) if both else None,
-        "f1": float(binary_f1_score(s, y, threshold=THRESHOLD)),
-        "acc": float(binary_accuracy(s, y, threshold=THRESHOLD)),
+        "f1": float(binary_f1_score(s, y, threshold=DEFAULT_THRESHOLD)),
+        "acc": float(binary_accuracy(s, y, threshold=DEFAULT_THRESHOLD)),
         "tpr_at_1fpr": float(tpr_at_fpr(s, y, 0.01)) if both else None,
         "tpr_at_5fpr": float(tpr_at_fpr(s, y, 0.05)) if both else None,
         "ece": expected_calibration_error(scores, labels, n_bins),

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torchmetrics.functional.classification import binary_roc
 
-from detector.atomic import commit_file, temp_path_for
+from detector.atomic import write_bytes
 from detector.evaluation.bootstrap import METRICS
-from detector.evaluation.metrics import ECE_BINS, THRESHOLD, as_arrays, evaluate, reliability_bins
+from detector.evaluation.metrics import ECE_BINS, as_arrays, evaluate, reliability_bins
+from detector.scoring import DEFAULT_THRESHOLD
 
 REPORT_FILES = ("metrics.json", "summary.md", "roc_curve.png", "reliability_diagram.png")
 METRIC_TITLES = {
@@ -30,15 +31,6 @@ METRIC_TITLES = {
     "tpr_at_5fpr": "TPR at 5% FPR",
     "ece": f"ECE ({ECE_BINS} bins)",
 }
-
-
-def _commit_bytes(path: Path, data: bytes) -> None:
-    tmp = temp_path_for(path)
-    try:
-        tmp.write_bytes(data)
-        commit_file(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _clean(obj: Any) -> Any:
@@ -192,7 +184,7 @@ def write_report(
     result = evaluate(arrays, y, extra_columns, bootstrap=bootstrap, seed=seed, confidence=confidence)
     settings = {
         "data": data,
-        "threshold": THRESHOLD,
+        "threshold": DEFAULT_THRESHOLD,
         "ece_bins": ECE_BINS,
         "bootstrap": bootstrap,
         "seed": seed,
@@ -203,8 +195,8 @@ def write_report(
     content = _clean({"settings": settings, **result})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _commit_bytes(out / "metrics.json", (json.dumps(content, indent=2, allow_nan=False) + "\n").encode())
-    _commit_bytes(out / "summary.md", render_summary(result, settings).encode())
-    _commit_bytes(out / "roc_curve.png", plot_roc(arrays, y))
-    _commit_bytes(out / "reliability_diagram.png", plot_reliability(arrays, y))
+    write_bytes(out / "metrics.json", (json.dumps(content, indent=2, allow_nan=False) + "\n").encode())
+    write_bytes(out / "summary.md", render_summary(result, settings).encode())
+    write_bytes(out / "roc_curve.png", plot_roc(arrays, y))
+    write_bytes(out / "reliability_diagram.png", plot_reliability(arrays, y))
     return content
