@@ -298,7 +298,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         target = self.dirpath / names[0]
         self._jobs.wait()  # at most one write in flight, and ours goes after it
         if sync or not self.async_save:
-            trainer.save_checkpoint(target)
+            # weights_only=False: the whole training state, said outright (Lightning logs a line otherwise).
+            trainer.save_checkpoint(target, weights_only=False)
             if trainer.is_global_zero:
                 self._link_and_rotate(target, names[1:], deletions)
             return

@@ -155,6 +155,11 @@ class DetectorDataModule(LightningDataModule):
         return self._tokenizer
 
     @property
+    def max_length(self) -> int:
+        """Truncation length in tokens: what the model is trained, validated and thresholded with."""
+        return int(cast(Any, self.hparams).max_length)
+
+    @property
     def vocab_size(self) -> int:
         """Size of the tokenizer's vocabulary (the CLI links it to the model)."""
         return len(self.tokenizer)
