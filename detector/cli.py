@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from callbacks.ema import EMACallback
+from callbacks.plain_progress import PlainProgress
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.reader import read_checkpoint_header
+from detector.ema import EMASchedule
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
 
+DEFAULT_ROOT = "outputs"
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "default_root_dir": "outputs",
+    # Every file of a run goes under this folder (see `run_paths`): one option moves a whole run.
+    "default_root_dir": DEFAULT_ROOT,
     "logger": {
         "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": "outputs", "name": "logs"},
+        "init_args": {"save_dir": DEFAULT_ROOT, "name": "logs"},
     },
     # Every checkpoint is written and read as checksummed safetensors, never a pickle.
     "plugins": [{"class_path": "detector.checkpoint.plugin.SafetensorsCheckpointIO"}],
@@ -36,6 +45,13 @@ class DetectorCLI(LightningCLI):
     end of ``fit``). The tokenizer's vocabulary size flows from the
     data module to the model, and the model's ``pretrained`` backbone tells the data module which
     tokenizer to load.
+
+    Every path left unset lives under ``trainer.default_root_dir`` (``outputs``): checkpoints,
+    bundles, logs, predictions, summary, tokenizer cache, demo corpus. ``--early_stopping.*`` adds
+    Lightning's ``EarlyStopping`` (``configs/early_stopping.yaml``); ``--tensorboard`` writes
+    TensorBoard event files beside ``metrics.csv``; ``--weights`` picks the weights that
+    ``validate``/``test``/``predict`` score. With stdout not a terminal, progress is printed as plain
+    lines every ``trainer.log_every_n_steps`` steps (``callbacks.plain_progress.PlainProgress``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -43,6 +59,21 @@ class DetectorCLI(LightningCLI):
         parser.add_lightning_class_args(SafetensorsTopKCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(RunSummary, "summary")
+        # Optional (off unless given): a subclass spec, so it is not one of LightningCLI's always-on callbacks.
+        parser.add_subclass_arguments(EarlyStopping, "early_stopping", required=False, fail_untyped=False)
+        parser.add_argument(
+            "--tensorboard",
+            type=bool,
+            default=True,
+            help="also write TensorBoard event files beside metrics.csv (in the CSV logger's version folder)",
+        )
+        parser.add_argument(
+            "--weights",
+            type=Literal["ema", "raw"],
+            default="ema",
+            help="validate/test/predict: score the EMA weights (what fit ranks and bundles ship; the raw "
+            "ones when the run has no EMA) or the raw training weights",
+        )
         parser.link_arguments("model.pretrained", "data.pretrained")
         parser.link_arguments(
             "data", "model.vocab_size", compute_fn=lambda data: data.vocab_size, apply_on="instantiate"
@@ -64,9 +95,114 @@ class DetectorCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        run_paths(config)
+        if self.subcommand == "fit" and config.get("weights") == "raw":
+            raise ValueError(
+                "--weights applies to validate, test and predict; fit validates (and ranks) on the EMA "
+                "weights when it has an EMACallback (its eval_with_ema_for)"
+            )
         ckpt_path, data = config.get("ckpt_path"), config["data"]
         if ckpt_path and Path(ckpt_path).exists() and data.get("tokenizer_path") is None:
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        trainer_config = config.get("trainer", {})
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if self.subcommand in ("validate", "test", "predict"):
+            self.scored_weights = choose_scored_weights(callbacks, self.subcommand, config)
+        if config.get("early_stopping") is not None:
+            callbacks.append(config["early_stopping"])
+        if plain_progress_wanted(trainer_config, callbacks):
+            callbacks.append(PlainProgress())
+        trainer = super().instantiate_trainer(**kwargs, callbacks=callbacks)
+        if config.get("tensorboard", True):
+            add_tensorboard_beside_csv(trainer)
+        return trainer
+
+    def _report_scored(self) -> None:
+        print(f"Scored weights: {self.scored_weights}", flush=True)
+
+    def after_validate(self) -> None:
+        self._report_scored()
+
+    def after_test(self) -> None:
+        self._report_scored()
+
+    def after_predict(self) -> None:
+        self._report_scored()
+
+
+def run_paths(config: Any) -> None:
+    """Fill every unset path of a run from ``trainer.default_root_dir``, so one option moves a whole run.
+
+    Data module paths are needed before the Trainer exists (the tokenizer sizes the model), so they are
+    filled here; the callbacks resolve theirs in ``setup`` the same way, as Lightning's own do. A logger
+    left at the default folder follows the root too.
+    """
+    root = Path(config["trainer"].get("default_root_dir") or DEFAULT_ROOT)
+    data = config["data"]
+    if data.get("tokenizer_root") is None:
+        data["tokenizer_root"] = str(root / "tokenizer")
+    if data.get("demo_dir") is None:
+        data["demo_dir"] = str(root / "demo_data")
+    if str(root) == DEFAULT_ROOT:
+        return
+    loggers = config["trainer"].get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is not None and init_args.get("save_dir") == DEFAULT_ROOT:
+            init_args["save_dir"] = str(root)
+
+
+def choose_scored_weights(callbacks: list[Any], stage: str, config: Any) -> str:
+    """Set every EMA callback to score ``stage`` on the EMA or the raw weights; return which are scored.
+
+    With ``--weights ema`` and a checkpoint that holds an EMA but a config without an ``EMACallback``,
+    one is added with the checkpoint's settings, so the EMA is scored whatever config is given.
+    """
+    emas = [cb for cb in callbacks if isinstance(cb, EMACallback)]
+    want_ema = config.get("weights", "ema") == "ema"
+    ckpt_path = config.get("ckpt_path")
+    if want_ema and not emas and ckpt_path and Path(ckpt_path).exists():
+        settings = checkpoint_ema_settings(ckpt_path)
+        if settings is not None:
+            emas.append(EMACallback(**settings))
+            callbacks.append(emas[-1])
+    for ema in emas:
+        ema.eval_with_ema_for = (ema.eval_with_ema_for | {stage}) if want_ema else (ema.eval_with_ema_for - {stage})
+    return "ema" if want_ema and emas else "raw"
+
+
+def checkpoint_ema_settings(ckpt_path: str) -> dict[str, Any] | None:
+    """The ``EMACallback`` settings saved in a checkpoint that holds an EMA, else ``None``."""
+    callbacks = read_checkpoint_header(ckpt_path)["state"].get("callbacks") or {}
+    state = next((s for key, s in callbacks.items() if key.startswith("EMACallback")), None)
+    if not isinstance(state, dict) or not state.get("num_updates"):
+        return None
+    saved = dict(state.get("settings") or {})
+    known = {*EMASchedule.__dataclass_fields__, "cpu_offload"}
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def plain_progress_wanted(trainer_config: Any, callbacks: list[Any]) -> bool:
+    """Plain progress lines replace the bar when stdout is no terminal (nohup, CI, a scheduler)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    enabled = trainer_config.get("enable_progress_bar")
+    has_bar = any(isinstance(cb, ProgressBar) for cb in callbacks)
+    return enabled is not False and not has_bar and not sys.stdout.isatty()
+
+
+def add_tensorboard_beside_csv(trainer: Trainer) -> None:
+    """Add a TensorBoard logger that writes into the CSV logger's version folder (beside metrics.csv)."""
+    loggers = trainer.loggers
+    csv = next((lg for lg in loggers if isinstance(lg, CSVLogger)), None)
+    if csv is None or any(isinstance(lg, TensorBoardLogger) for lg in loggers):
+        return
+    # name="" and version="": the event files go straight into `log_dir`, no nested version folder.
+    board = TensorBoardLogger(save_dir=csv.log_dir, name="", version="", default_hp_metric=False)
+    trainer.loggers = [*loggers, board]
 
 
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:

@@ -53,6 +53,8 @@ def build_summary(
     saves: int | None,
     checkpoints: Mapping[str, Any] | None,
     bundles: Sequence[str],
+    val_weights: str | None = None,
+    metrics_csv: str | None = None,
 ) -> dict[str, Any]:
     """The summary as plain JSON-able values.
 
@@ -64,6 +66,8 @@ def build_summary(
         saves: checkpoint writes in this process.
         checkpoints: :func:`checkpoint_section`'s output, or None without a checkpoint callback.
         bundles: paths of the inference bundles the run wrote and keeps.
+        val_weights: the weights validation scored, so the ones ranked: ``ema`` or ``raw``.
+        metrics_csv: the CSV logger's ``metrics.csv``.
     """
     return {
         "global_step": int(global_step),
@@ -73,6 +77,8 @@ def build_summary(
         "saves": saves,
         "checkpoints": None if checkpoints is None else dict(checkpoints),
         "bundles": list(bundles),
+        "val_weights": val_weights,
+        "metrics_csv": metrics_csv,
     }
 
 
@@ -123,7 +129,21 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ]
         rows.append(("checkpoint disk", _size(section["disk_bytes"])))
     rows += [("bundle", path) for path in summary["bundles"]]
+    if summary.get("val_weights") is not None:
+        rows.append(("validated on", f"{summary['val_weights']} weights"))
+    if summary.get("metrics_csv") is not None:
+        rows.append(("metrics", summary["metrics_csv"]))
     return rows
+
+
+def next_step(summary: Mapping[str, Any]) -> str | None:
+    """One line saying what to run next: score with the final bundle, else export the best checkpoint."""
+    if summary["bundles"]:
+        return f"Next: python -m detector score {summary['bundles'][-1]} YOUR_TEXTS.jsonl -o scores.jsonl"
+    best = (summary["checkpoints"] or {}).get("best")
+    if best is not None:
+        return f"Next: python -m detector export {best['path']} --version 1.0"
+    return None
 
 
 def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Table:

@@ -24,7 +24,7 @@ from detector.evaluation.metrics import ECE_BINS, THRESHOLD, as_arrays, evaluate
 REPORT_FILES = ("metrics.json", "summary.md", "roc_curve.png", "reliability_diagram.png")
 METRIC_TITLES = {
     "auroc": "AUROC",
-    "f1": "F1 (machine, P > 0.5)",
+    "f1": "macro-F1 (human and machine, P > 0.5)",
     "acc": "accuracy (P > 0.5)",
     "tpr_at_1fpr": "TPR at 1% FPR",
     "tpr_at_5fpr": "TPR at 5% FPR",
