@@ -25,6 +25,7 @@ from detector.bundle.export import (
     remove_bundle,
     validate_version,
 )
+from detector.bundle.onnx import require_onnx
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import BundleExistsError, write_bundle
 
@@ -76,6 +77,8 @@ class InferenceExportCallback(Callback):
             raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
         # None: `<trainer.default_root_dir>/models/inference`, resolved in setup.
         self._dirpath_given = dirpath is not None
+        if onnx:
+            require_onnx()
         self.dirpath = Path(dirpath if dirpath is not None else "outputs/models/inference")
         self.version = validate_version(version)
         self.monitor, self.mode = monitor, mode

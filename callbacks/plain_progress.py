@@ -61,11 +61,13 @@ class PlainProgress(ProgressBar):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step, every = trainer.global_step, self.every_n_steps or max(trainer.log_every_n_steps, 1)
+        step = trainer.global_step
+        every = self.every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
         if step == self._last_step or step % every != 0 or self._start is None:
             return
         self._last_step = step
-        self._emit(trainer, self.step_line(trainer, time.perf_counter() - self._start[0], step - self._start[1]))
+        elapsed, done = time.perf_counter() - self._start[0], step - self._start[1]
+        self._emit(trainer, self.step_line(trainer, elapsed, done))
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

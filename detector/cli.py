@@ -17,8 +17,8 @@ from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.reader import read_checkpoint_header
-from detector.ema import EMASchedule
 from detector.data import DetectorDataModule
+from detector.ema import EMASchedule
 from detector.module import DetectorModule
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
 
@@ -59,7 +59,7 @@ class DetectorCLI(LightningCLI):
         parser.add_lightning_class_args(SafetensorsTopKCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(RunSummary, "summary")
-        # Optional (off unless given): a subclass spec, so it is not one of LightningCLI's always-on callbacks.
+        # Optional (off unless given): a subclass spec, not one of LightningCLI's always-on callbacks.
         parser.add_subclass_arguments(EarlyStopping, "early_stopping", required=False, fail_untyped=False)
         parser.add_argument(
             "--tensorboard",
@@ -106,7 +106,8 @@ class DetectorCLI(LightningCLI):
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        init = self.config_init
+        config = init.get(self.subcommand, init) if self.subcommand else init
         trainer_config = config.get("trainer", {})
         callbacks = list(trainer_config.get("callbacks") or [])
         if self.subcommand in ("validate", "test", "predict"):
@@ -170,7 +171,8 @@ def choose_scored_weights(callbacks: list[Any], stage: str, config: Any) -> str:
             emas.append(EMACallback(**settings))
             callbacks.append(emas[-1])
     for ema in emas:
-        ema.eval_with_ema_for = (ema.eval_with_ema_for | {stage}) if want_ema else (ema.eval_with_ema_for - {stage})
+        stages = set(ema.eval_with_ema_for)
+        ema.eval_with_ema_for = frozenset(stages | {stage} if want_ema else stages - {stage})  # type: ignore[arg-type]
     return "ema" if want_ema and emas else "raw"
 
 

@@ -152,7 +152,8 @@ class DetectorDataModule(LightningDataModule):
             elif has_own_tokenizer(pretrained):
                 self._tokenizer = AutoTokenizer.from_pretrained(pretrained)
             else:
-                folder = Path(self.tokenizer_root) / f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
+                name = f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
+                folder = Path(self.tokenizer_root) / name
                 self._tokenizer = load_or_train_tokenizer(
                     folder, self.train_records().text, h.tokenizer_vocab_size
                 )

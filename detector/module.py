@@ -153,8 +153,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         if all(s[2] is not None for s in present):
             # The sampler pads every rank's share to the same length by wrapping around: count each
             # validation row once, in row order.
-            index = torch.cat([s[2] for s in present])
-            rows, first = _first_occurrences(index)
+            index = torch.cat([s[2] for s in present if s[2] is not None])
+            _, first = _first_occurrences(index)
             scores, labels = scores[first], labels[first]
         return scores, labels
 

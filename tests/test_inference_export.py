@@ -13,11 +13,11 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from callbacks.inference_export import InferenceExportCallback
-from detector.data import DetectorDataModule
 from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import BundleExistsError, read_metadata
+from detector.data import DetectorDataModule
 
 LABELS = [i % 2 for i in range(len(TEXTS))]
 

@@ -34,7 +34,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
 from detector.backbone import ID2LABEL, LABEL2ID
 from detector.bundle.card import render_card
-from detector.bundle.onnx import export_and_check
+from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
 from detector.bundle.thresholds import DEFAULT_THRESHOLD
 
@@ -209,9 +209,12 @@ def write_bundle(
     Raises:
         BundleExistsError: ``root/name`` exists.
         ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
+        ImportError: ``onnx`` without the ``onnx`` extra installed (the message says how to install it).
     """
     root = Path(root)
     final = _check_name(root, name)
+    if onnx:
+        require_onnx()
     _check_model(model, weights)
     completed = training_metadata(metadata, model, name)
     root.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,7 @@ def render_summary(result: Mapping[str, Any], settings: Mapping[str, Any]) -> st
         f"stratified by label, seed {settings['seed']}."
         if settings["bootstrap"]
         else "No bootstrap intervals (0 resamples).",
+        *([f"Weights scored: {settings['weights']}."] if settings.get("weights") else []),
         "",
         "## Overall",
         "",
@@ -172,6 +173,7 @@ def write_report(
     seed: int = 0,
     confidence: float = 0.95,
     data: str | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write ``REPORT_FILES`` into ``out_dir`` (created; those files are replaced).
 
@@ -182,6 +184,7 @@ def write_report(
         out_dir: the report folder.
         bootstrap, seed, confidence: see :func:`detector.evaluation.metrics.evaluate`.
         data: the evaluated file, recorded in the report.
+        weights: which weights the detector scored with (``ema`` or ``raw``), recorded in the report.
 
     Returns:
         The content of ``metrics.json``.
@@ -192,6 +195,7 @@ def write_report(
     result = evaluate(arrays, y, extra_columns, bootstrap=bootstrap, seed=seed, confidence=confidence)
     settings = {
         "data": data,
+        "weights": weights,
         "threshold": THRESHOLD,
         "ece_bins": ECE_BINS,
         "bootstrap": bootstrap,
