@@ -186,7 +186,7 @@ def checkpoint_ema_settings(ckpt_path: str) -> dict[str, Any] | None:
     # The schedule's field names; the callback calls one of them `update_every_n_steps`.
     renamed = {"every_n_steps": "update_every_n_steps"}
     known = {*EMASchedule.__dataclass_fields__, "cpu_offload"}
-    return {renamed.get(k, k): v for k, v in saved.items() if k in known}
+    return {(renamed[k] if k in renamed else k): v for k, v in saved.items() if k in known}
 
 
 def plain_progress_wanted(trainer_config: Any, callbacks: list[Any]) -> bool:
