@@ -306,3 +306,8 @@ def test_export_checkpoint_ships_the_chosen_weights(
     assert meta["checkpoint"] == str(tmp_path / "checkpoint_epoch_4.safetensors")
     assert meta["config"] == {"model": {"lr": 0.1}, "data": {}}
     assert meta["decision_threshold"] == 0.5
+
+
+def test_without_dirpath_bundles_go_under_the_trainers_default_root_dir(tmp_path, bundle_tokenizer):
+    _fit(tmp_path, bundle_tokenizer, InferenceExportCallback(), [0.5])
+    assert _names(tmp_path / "models" / "inference") == ["model_v1.0_epoch0", "model_v1.0_final"]
