@@ -182,11 +182,11 @@ def checkpoint_ema_settings(ckpt_path: str) -> dict[str, Any] | None:
     state = next((s for key, s in callbacks.items() if key.startswith("EMACallback")), None)
     if not isinstance(state, dict) or not state.get("num_updates"):
         return None
-    saved = dict(state.get("settings") or {})
+    saved: dict[str, Any] = {str(k): v for k, v in (state.get("settings") or {}).items()}
     # The schedule's field names; the callback calls one of them `update_every_n_steps`.
     renamed = {"every_n_steps": "update_every_n_steps"}
     known = {*EMASchedule.__dataclass_fields__, "cpu_offload"}
-    return {(renamed[k] if k in renamed else k): v for k, v in saved.items() if k in known}
+    return {renamed.get(k, k): v for k, v in saved.items() if k in known}
 
 
 def plain_progress_wanted(trainer_config: Any, callbacks: list[Any]) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
 from detector.backbone import ID2LABEL, LABEL2ID
@@ -158,7 +159,14 @@ def _write_contents(
     onnx: bool,
 ) -> None:
     state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
-    model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
+    # One file, no shards: transformers' "Writing model shards" bar would only clutter the console.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     _write_tokenizer(tokenizer, folder, metadata["max_length"])
     if onnx:
         # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
