@@ -109,7 +109,8 @@ class DetectorCLI(LightningCLI):
         init = self.config_init
         config = init.get(self.subcommand, init) if self.subcommand else init
         trainer_config = config.get("trainer", {})
-        callbacks = list(trainer_config.get("callbacks") or [])
+        given = trainer_config.get("callbacks")
+        callbacks = list(given) if isinstance(given, list) else [given] if given is not None else []
         if self.subcommand in ("validate", "test", "predict"):
             self.scored_weights = choose_scored_weights(callbacks, self.subcommand, config)
         if config.get("early_stopping") is not None:
@@ -122,7 +123,8 @@ class DetectorCLI(LightningCLI):
         return trainer
 
     def _report_scored(self) -> None:
-        print(f"Scored weights: {self.scored_weights}", flush=True)
+        if self.trainer.is_global_zero:
+            print(f"Scored weights: {self.scored_weights}", flush=True)
 
     def after_validate(self) -> None:
         self._report_scored()
