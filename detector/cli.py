@@ -167,15 +167,15 @@ def choose_scored_weights(callbacks: list[Any], stage: str, config: Any) -> str:
     emas = [cb for cb in callbacks if isinstance(cb, EMACallback)]
     want_ema = config.get("weights", "ema") == "ema"
     ckpt_path = config.get("ckpt_path")
-    if want_ema and not emas and ckpt_path and Path(ckpt_path).exists():
-        settings = checkpoint_ema_settings(ckpt_path)
-        if settings is not None:
-            emas.append(EMACallback(**settings))
-            callbacks.append(emas[-1])
+    settings = checkpoint_ema_settings(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
+    if want_ema and not emas and settings is not None:
+        emas.append(EMACallback(**settings))
+        callbacks.append(emas[-1])
     for ema in emas:
         stages = set(ema.eval_with_ema_for)
         ema.eval_with_ema_for = frozenset(stages | {stage} if want_ema else stages - {stage})  # type: ignore[arg-type]
-    return "ema" if want_ema and emas else "raw"
+    # Without an EMA in the checkpoint the callback has nothing to swap in: the raw weights are scored.
+    return "ema" if want_ema and settings is not None else "raw"
 
 
 def checkpoint_ema_settings(ckpt_path: str) -> dict[str, Any] | None:

@@ -127,6 +127,12 @@ def test_test_and_evaluate_score_the_ema_weights_by_default_and_raw_on_request(r
     raw, out = _test_metrics(root, capsys, *CONFIGS, "--ckpt_path", best, "--weights", "raw")
     assert out.rstrip().endswith("Scored weights: raw")
     assert raw["test_loss"] != ema["test_loss"]
+    # A checkpoint without an EMA is scored (and reported) on its raw weights, whatever the config.
+    state = load_state(best)
+    del state["callbacks"]["EMACallback"]
+    save_state(state, tmp_path / "no_ema.safetensors")
+    no_ema, out = _test_metrics(root, capsys, *CONFIGS, "--ckpt_path", str(tmp_path / "no_ema.safetensors"))
+    assert out.rstrip().endswith("Scored weights: raw") and no_ema == raw
     report = _evaluate(root, tmp_path / "ema")
     assert report["settings"]["weights"] == "ema"
     assert report["overall"]["detector"]["auroc"] == pytest.approx(ema["test_auroc"], abs=1e-6)
