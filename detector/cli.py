@@ -36,6 +36,15 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "use_distributed_sampler": False,
 }
 
+# (config section, option, path under trainer.default_root_dir) of every path option left unset.
+RUN_PATHS = (
+    ("data", "tokenizer_root", "tokenizer"),
+    ("data", "demo_dir", "demo_data"),
+    ("checkpoint", "dirpath", "checkpoints"),
+    ("summary", "path", "summary.json"),
+    ("prediction_writer", "output_path", "predictions/predictions.jsonl"),
+)
+
 
 class DetectorCLI(LightningCLI):
     """LightningCLI for ``DetectorModule`` and ``DetectorDataModule``, seeded by default.
@@ -139,16 +148,23 @@ class DetectorCLI(LightningCLI):
 def run_paths(config: Any) -> None:
     """Fill every unset path of a run from ``trainer.default_root_dir``, so one option moves a whole run.
 
-    Data module paths are needed before the Trainer exists (the tokenizer sizes the model), so they are
-    filled here; the callbacks resolve theirs in ``setup`` the same way, as Lightning's own do. A logger
-    left at the default folder follows the root too.
+    Filled in the config before anything is built (the data module needs its paths before the Trainer
+    exists: the tokenizer sizes the model), so the saved ``config.yaml`` shows them; the callbacks also
+    resolve an unset path in ``setup`` the same way, for use without the CLI, as Lightning's own do. A
+    logger left at the default folder follows the root too.
     """
     root = Path(config["trainer"].get("default_root_dir") or DEFAULT_ROOT)
-    data = config["data"]
-    if data.get("tokenizer_root") is None:
-        data["tokenizer_root"] = str(root / "tokenizer")
-    if data.get("demo_dir") is None:
-        data["demo_dir"] = str(root / "demo_data")
+    # The resolved config (logs/version_N/config.yaml) then shows where everything went.
+    for section, key, path in RUN_PATHS:
+        options = config.get(section)
+        if options is not None and options.get(key) is None:
+            options[key] = str(root / path)
+    callbacks = config["trainer"].get("callbacks")
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        init_args = getattr(callback, "init_args", None)
+        is_export = str(getattr(callback, "class_path", "")).endswith("InferenceExportCallback")
+        if is_export and init_args is not None and init_args.get("dirpath") is None:
+            init_args["dirpath"] = str(root / "models" / "inference")
     if str(root) == DEFAULT_ROOT:
         return
     loggers = config["trainer"].get("logger")

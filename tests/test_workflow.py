@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detector.__main__ import main
@@ -62,6 +63,14 @@ def test_default_root_dir_moves_every_file_of_the_run(run):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["checkpoints"]["dirpath"] == str(root / "checkpoints")
     assert summary["metrics_csv"] == str(root / "logs/version_0/metrics.csv")
+    config = yaml.safe_load((root / "logs/version_0/config.yaml").read_text())
+    assert (config["checkpoint"]["dirpath"], config["data"]["tokenizer_root"]) == (
+        str(root / "checkpoints"), str(root / "tokenizer"),
+    )  # fmt: skip
+    export = next(
+        cb for cb in config["trainer"]["callbacks"] if cb["class_path"].endswith("InferenceExportCallback")
+    )
+    assert export["init_args"]["dirpath"] == str(root / "models/inference")
 
 
 @pytest.mark.slow
