@@ -33,9 +33,10 @@ class EMACallback(Callback):
 
     - Validation (and test/predict if listed in ``eval_with_ema_for``) runs on the EMA weights, swapped
       in at ``on_validation_start`` and out at ``on_validation_end``: ``val_f1`` and the top-K ranking
-      measure the EMA. Lightning runs ``Checkpoint`` callbacks' hooks after all others (its
-      ``_reorder_callbacks``), so a checkpoint saved in their ``on_validation_end`` holds the raw
-      weights and the EMA that earned the score.
+      measure the EMA. ``python -m detector validate|test|predict`` adds its own stage (``--weights raw``
+      removes it), so a command scores the weights that are ranked and shipped. Lightning runs
+      ``Checkpoint`` callbacks' hooks after all others (its ``_reorder_callbacks``), so a checkpoint
+      saved in their ``on_validation_end`` holds the raw weights and the EMA that earned the score.
     - A checkpoint's model ``state_dict`` is always the raw training weights, even when saved while the
       EMA is swapped in; the EMA tensors, update count and settings live in this callback's state.
     - Resume restores the raw weights for training and the EMA and its counter for averaging.

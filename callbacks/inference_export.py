@@ -28,6 +28,7 @@ from detector.bundle.export import (
     retire_final,
     validate_version,
 )
+from detector.bundle.onnx import require_onnx
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import write_bundle
 from detector.checkpoint.monitor import improves, monitored_metrics
@@ -79,7 +80,7 @@ class InferenceExportCallback(Callback):
 
     def __init__(
         self,
-        dirpath: str = "outputs/models/inference",
+        dirpath: str | None = None,
         version: str = "1.0",
         monitor: str = "val_f1",
         mode: Literal["min", "max"] = "max",
@@ -96,7 +97,11 @@ class InferenceExportCallback(Callback):
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if not 0.0 <= target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-        self.dirpath = Path(dirpath)
+        # None: `<trainer.default_root_dir>/models/inference`, resolved in setup.
+        self._dirpath_given = dirpath is not None
+        if onnx:
+            require_onnx()
+        self.dirpath = Path(dirpath if dirpath is not None else "outputs/models/inference")
         self.version = validate_version(version)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.keep_last = every_n_epochs, keep_last
@@ -123,6 +128,8 @@ class InferenceExportCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._dirpath_given:
+            self.dirpath = Path(trainer.default_root_dir) / "models" / "inference"
         if stage != TrainerFn.FITTING:
             return
         self._reconciled = False  # once per fit, after the state is restored

@@ -15,6 +15,8 @@ from typing_extensions import override
 from detector.atomic import write_text
 from detector.scoring import DEFAULT_THRESHOLD, decision
 
+DEFAULT_PATH = "outputs/predictions/predictions.jsonl"
+
 
 class PredictionWriter(BasePredictionWriter):
     """Writes ``{"id"?, "prob_machine", "label", "is_machine"}`` per row to ``output_path`` after ``predict``.
@@ -34,14 +36,19 @@ class PredictionWriter(BasePredictionWriter):
               threshold: 0.5
     """
 
-    def __init__(
-        self, output_path: str = "outputs/predictions/predictions.jsonl", threshold: float = DEFAULT_THRESHOLD
-    ) -> None:
+    def __init__(self, output_path: str | None = None, threshold: float = DEFAULT_THRESHOLD) -> None:
         super().__init__(write_interval="epoch")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
-        self.output_path = Path(output_path)
+        # None: `<trainer.default_root_dir>/predictions/predictions.jsonl`, resolved in setup.
+        self._path_given = output_path is not None
+        self.output_path = Path(output_path if output_path is not None else DEFAULT_PATH)
         self.threshold = threshold
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._path_given:
+            self.output_path = Path(trainer.default_root_dir) / "predictions" / "predictions.jsonl"
 
     @override
     def write_on_epoch_end(

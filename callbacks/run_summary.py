@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -18,7 +19,14 @@ from typing_extensions import override
 from callbacks.inference_export import InferenceExportCallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.bundle.export import bundle_name
-from detector.run_summary import build_summary, checkpoint_section, summary_table, unique, write_summary
+from detector.run_summary import (
+    build_summary,
+    checkpoint_section,
+    next_step,
+    summary_table,
+    unique,
+    write_summary,
+)
 
 
 class RunSummary(Callback):
@@ -46,13 +54,20 @@ class RunSummary(Callback):
           print_table: true
     """
 
-    def __init__(self, path: str = "outputs/summary.json", print_table: bool = True) -> None:
-        if not isinstance(path, str) or not path:
+    def __init__(self, path: str | None = None, print_table: bool = True) -> None:
+        if path is not None and (not isinstance(path, str) or not path):
             raise ValueError(f"path must be a file path, got {path!r}")
-        self.path, self.print_table = Path(path), print_table
+        # None: `<trainer.default_root_dir>/summary.json`, resolved in setup.
+        self._path_given = path is not None
+        self.path, self.print_table = Path(path if path is not None else "outputs/summary.json"), print_table
         self._start: float | None = None
         self.summary: dict[str, Any] | None = None
         self.stop_signal: signal.Signals | None = None  # the signal that interrupted fit, if any
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._path_given:
+            self.path = Path(trainer.default_root_dir) / "summary.json"
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,8 +106,14 @@ class RunSummary(Callback):
             return
         write_summary(self.summary, self.path)
         if self.print_table:
-            Console().print(summary_table(self.summary))
-        rank_zero_info(f"Run summary written to {self.path}")
+            # The last thing on screen: the table (with where the summary is), then what to run next.
+            console = Console()
+            console.print(summary_table(self.summary, title=f"Run summary ({self.path})"))
+            line = next_step(self.summary)
+            if line is not None:
+                console.print(line, soft_wrap=True, highlight=False)
+        else:
+            rank_zero_info(f"Run summary written to {self.path}")
 
     @staticmethod
     def _build(trainer: pl.Trainer, wall_time_s: float, stopped: str = "finished") -> dict[str, Any]:
@@ -109,6 +130,8 @@ class RunSummary(Callback):
         if export is not None:
             names = [*export.written, bundle_name(export.version)]
             bundles = unique(str(export.dirpath / name) for name in names)
+        ema = next((cb for cb in callbacks if hasattr(cb, "eval_with_ema_for")), None)
+        csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         return build_summary(
             global_step=trainer.global_step,
             epochs=trainer.current_epoch,
@@ -118,4 +141,6 @@ class RunSummary(Callback):
             checkpoints=section,
             bundles=bundles,
             stopped=stopped,
+            val_weights="ema" if ema is not None and "validate" in ema.eval_with_ema_for else "raw",
+            metrics_csv=None if csv is None else str(Path(csv.log_dir) / "metrics.csv"),
         )

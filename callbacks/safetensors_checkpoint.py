@@ -85,7 +85,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     def __init__(
         self,
-        dirpath: str = "outputs/checkpoints",
+        dirpath: str | None = None,
         monitor: str = "val_f1",
         mode: Mode = "max",
         save_top_k: int = 3,
@@ -102,7 +102,10 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             if isinstance(every, bool) or not isinstance(every, int) or every < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {every!r}")
         self._tracker = CheckpointTracker(mode, save_top_k, keep_last_epochs, keep_last_steps)
-        self.dirpath, self.monitor, self.mode = Path(dirpath), monitor, mode
+        # None: `<trainer.default_root_dir>/checkpoints`, resolved in setup (as Lightning's ModelCheckpoint).
+        self._dirpath_given = dirpath is not None
+        self.dirpath = Path(dirpath if dirpath is not None else "outputs/checkpoints")
+        self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
         self.async_save, self.save_on_interrupt = async_save, save_on_interrupt
         self._jobs = SerialJobs(background=async_save)
@@ -147,6 +150,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self._dirpath_given:
+            self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
         if stage != TrainerFn.FITTING:
             return
         checkpoint_io = trainer.strategy.checkpoint_io
@@ -321,7 +326,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         target = self.dirpath / names[0]
         self._jobs.wait()  # at most one write in flight, and ours goes after it
         if sync or not self.async_save:
-            trainer.save_checkpoint(target)
+            # weights_only=False: the whole training state, said outright (Lightning logs a line otherwise).
+            trainer.save_checkpoint(target, weights_only=False)
             if trainer.is_global_zero:
                 self._link_and_rotate(target, names[1:], deletions)
             return

@@ -19,6 +19,8 @@ from detector.records import Records, read_records
 from detector.splits import stratified_group_split
 from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
 
+DEFAULT_ROOT = "outputs"  # where a run's files go without the CLI's `trainer.default_root_dir`
+
 
 class EncodedDataset(Dataset):
     """Token ids and labels of one split; items carry their row index so predictions map back."""
@@ -67,9 +69,10 @@ class DetectorDataModule(LightningDataModule):
         tokenizer_path: a folder holding a saved tokenizer to use as is; the CLI fills it from the
             checkpoint when given ``--ckpt_path``, so a checkpoint is resumed, tested or scored with
             the very tokenizer it was trained with.
-        demo_dir: where the synthetic demo corpus is written when ``train_path`` is ``None``.
+        demo_dir: where the synthetic demo corpus is written (``None``: ``<root>/demo_data``).
         tokenizer_root: where a locally trained tokenizer is saved, one folder per training data
-            fingerprint, and reused by later runs on the same data.
+            fingerprint, and reused by later runs on the same data (``None``: ``<root>/tokenizer``).
+            ``<root>`` is ``trainer.default_root_dir`` under the CLI, else ``outputs``.
         tokenizer_vocab_size: target vocabulary size of a locally trained tokenizer.
         max_length: truncation length in tokens.
         batch_size: training batch size.
@@ -89,8 +92,8 @@ class DetectorDataModule(LightningDataModule):
         predict_path: str | None = None,
         pretrained: str | None = None,
         tokenizer_path: str | None = None,
-        demo_dir: str = "outputs/demo_data",
-        tokenizer_root: str = "outputs/tokenizer",
+        demo_dir: str | None = None,
+        tokenizer_root: str | None = None,
         tokenizer_vocab_size: int = 8000,
         max_length: int = 256,
         batch_size: int = 16,
@@ -120,7 +123,7 @@ class DetectorDataModule(LightningDataModule):
         h: Any = self.hparams
         if h.train_path is not None:
             return {"train": h.train_path, "val": h.val_path, "test": h.test_path, "predict": h.predict_path}
-        demo = write_demo_corpus(h.demo_dir, seed=0)
+        demo = write_demo_corpus(h.demo_dir or f"{DEFAULT_ROOT}/demo_data", seed=0)
         test = h.test_path or str(demo["test"])
         return {
             "train": str(demo["train"]),
@@ -165,11 +168,22 @@ class DetectorDataModule(LightningDataModule):
             elif has_own_tokenizer(pretrained):
                 self._tokenizer = AutoTokenizer.from_pretrained(pretrained)
             else:
-                folder = Path(h.tokenizer_root) / f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
+                name = f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
+                folder = Path(self.tokenizer_root) / name
                 self._tokenizer = load_or_train_tokenizer(
                     folder, self.train_records().text, h.tokenizer_vocab_size
                 )
         return self._tokenizer
+
+    @property
+    def tokenizer_root(self) -> str:
+        """Where locally trained tokenizers are saved."""
+        return cast(Any, self.hparams).tokenizer_root or f"{DEFAULT_ROOT}/tokenizer"
+
+    @property
+    def max_length(self) -> int:
+        """Truncation length in tokens: what the model is trained, validated and thresholded with."""
+        return int(cast(Any, self.hparams).max_length)
 
     @property
     def vocab_size(self) -> int:
@@ -186,7 +200,7 @@ class DetectorDataModule(LightningDataModule):
         if saved is not None and saved != self.tokenizer_files().get("tokenizer.json"):
             raise ValueError(
                 "the checkpoint was trained with another tokenizer than this run's "
-                f"(data.tokenizer_root={cast(Any, self.hparams).tokenizer_root!r}); resume with the run's "
+                f"(data.tokenizer_root={self.tokenizer_root!r}); resume with the run's "
                 "own tokenizer_root, or export the checkpoint's tokenizer with `python -m detector export`"
             )
 

@@ -59,6 +59,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self.register_buffer("loss_weight", torch.ones(2), persistent=False)
         self._val_scores: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
+        self._val_index: list[torch.Tensor] = []
+        self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, stage: str) -> None:
         trainer = attached_trainer(self)
@@ -121,23 +123,51 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         return scores
 
     def on_validation_epoch_start(self) -> None:
-        self._val_scores, self._val_labels = [], []
+        self._val_scores, self._val_labels, self._val_index = [], [], []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         scores = self._evaluate(batch, "val")
         self._val_scores.append(scores.detach().cpu())
         self._val_labels.append(batch["labels"].detach().cpu())
+        if "index" in batch:
+            self._val_index.append(batch["index"].detach().cpu())
 
     def on_validation_epoch_end(self) -> None:
         # Logged as Metric objects: Lightning computes them (torchmetrics gathers every rank's state)
         # and resets them at epoch end.
         self.log_dict(self.val_metrics, prog_bar=True)
+        self._last_val = self._gather_val_scores()
+
+    def _gather_val_scores(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # A collective under DDP/FSDP2 (every rank runs this hook): each rank scored its own share.
+        if not self._val_scores:
+            local = None
+        else:
+            index = torch.cat(self._val_index) if self._val_index else None
+            local = (torch.cat(self._val_scores), torch.cat(self._val_labels), index)
+        shares = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, local)
+        present = [share for share in shares if share is not None]
+        if not present:
+            return None
+        scores, labels = torch.cat([s[0] for s in present]), torch.cat([s[1] for s in present])
+        if all(s[2] is not None for s in present):
+            # The sampler pads every rank's share to the same length by wrapping around: count each
+            # validation row once, in row order.
+            index = torch.cat([s[2] for s in present if s[2] is not None])
+            _, first = _first_occurrences(index)
+            scores, labels = scores[first], labels[first]
+        return scores, labels
 
     def last_val_scores(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """P(machine) and labels of the last validation epoch on this rank (for threshold choice)."""
-        if not self._val_scores:
-            return None
-        return torch.cat(self._val_scores), torch.cat(self._val_labels)
+        """P(machine) and labels of the last validation epoch over the whole validation set.
+
+        Gathered across ranks at the end of the validation epoch (each row once), so the decision
+        threshold chosen from them is the one of the whole set, whatever the number of devices.
+        """
+        return self._last_val
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -165,3 +195,13 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(h.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _first_occurrences(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``index`` (sorted) and the position of each one's first occurrence."""
+    rows, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(len(index))
+    first = torch.full((len(rows),), len(index), dtype=torch.long).scatter_reduce(
+        0, inverse, positions, reduce="amin"
+    )
+    return rows, first

@@ -54,6 +54,8 @@ def build_summary(
     checkpoints: Mapping[str, Any] | None,
     bundles: Sequence[str],
     stopped: str = "finished",
+    val_weights: str | None = None,
+    metrics_csv: str | None = None,
 ) -> dict[str, Any]:
     """The summary as plain JSON-able values.
 
@@ -66,6 +68,8 @@ def build_summary(
         checkpoints: :func:`checkpoint_section`'s output, or None without a checkpoint callback.
         bundles: paths of the inference bundles the run wrote and keeps.
         stopped: why the run stopped: ``"finished"``, or the signal that interrupted it (``"SIGTERM"``).
+        val_weights: the weights validation scored, so the ones ranked: ``ema`` or ``raw``.
+        metrics_csv: the CSV logger's ``metrics.csv``.
     """
     return {
         "global_step": int(global_step),
@@ -76,6 +80,8 @@ def build_summary(
         "checkpoints": None if checkpoints is None else dict(checkpoints),
         "bundles": list(bundles),
         "stopped": stopped,
+        "val_weights": val_weights,
+        "metrics_csv": metrics_csv,
     }
 
 
@@ -121,7 +127,21 @@ def summary_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ]
         rows.append(("checkpoint disk", _size(section["disk_bytes"])))
     rows += [("bundle", path) for path in summary["bundles"]]
+    if summary.get("val_weights") is not None:
+        rows.append(("validated on", f"{summary['val_weights']} weights"))
+    if summary.get("metrics_csv") is not None:
+        rows.append(("metrics", summary["metrics_csv"]))
     return rows
+
+
+def next_step(summary: Mapping[str, Any]) -> str | None:
+    """One line saying what to run next: score with the final bundle, else export the best checkpoint."""
+    if summary["bundles"]:
+        return f"Next: python -m detector score {summary['bundles'][-1]} YOUR_TEXTS.jsonl -o scores.jsonl"
+    best = (summary["checkpoints"] or {}).get("best")
+    if best is not None:
+        return f"Next: python -m detector export {best['path']} --version 1.0"
+    return None
 
 
 def summary_table(summary: Mapping[str, Any], title: str = "Run summary") -> Table:

@@ -4,8 +4,9 @@ Run from the repository root: ``python examples/01_train.py``. Equivalent to::
 
     python -m detector fit --config configs/default.yaml --checkpoint.every_n_train_steps 4 ...
 
-Writes under ``outputs/examples/train/``: ``checkpoints/`` (latest, best, top-K, periodic),
-``models/inference/`` (bundles), ``logs/`` (metrics.csv) and ``summary.json``.
+Writes under ``outputs/examples/train/``, the one folder ``--trainer.default_root_dir`` names:
+``checkpoints/`` (latest, best, top-K, periodic), ``models/inference/`` (bundles), ``logs/``
+(metrics.csv and TensorBoard events) and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ from detector.cli import build_cli
 RUN = WORK / "train"
 CALLBACKS = [
     {"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": True}},
-    {
-        "class_path": "callbacks.inference_export.InferenceExportCallback",
-        "init_args": {"dirpath": str(RUN / "models/inference"), "version": "1.0"},
-    },
+    {"class_path": "callbacks.inference_export.InferenceExportCallback", "init_args": {"version": "1.0"}},
 ]
-LOGGER = {
-    "class_path": "lightning.pytorch.loggers.CSVLogger",
-    "init_args": {"save_dir": str(RUN), "name": "logs"},
-}
 
 
 def main() -> None:
@@ -37,13 +31,13 @@ def main() -> None:
         )
     args = [
         "fit", *data_args(demo_data()),
+        # One folder for the whole run: checkpoints, bundles, logs and summary go under it.
         "--trainer.max_epochs", "3", "--trainer.default_root_dir", str(RUN),
-        "--trainer.logger", json.dumps(LOGGER), "--trainer.callbacks", json.dumps(CALLBACKS),
+        "--trainer.callbacks", json.dumps(CALLBACKS),
         # The checkpoint callback is always there; its options are --checkpoint.*.
-        "--checkpoint.dirpath", str(RUN / "checkpoints"), "--checkpoint.monitor", "val_f1",
+        "--checkpoint.monitor", "val_f1",
         "--checkpoint.mode", "max", "--checkpoint.save_top_k", "2",
         "--checkpoint.every_n_train_steps", "4", "--checkpoint.keep_last_steps", "2",
-        "--summary.path", str(RUN / "summary.json"),
     ]  # fmt: skip
     cli = build_cli(args)
     checkpoint = cli.trainer.checkpoint_callback

@@ -38,7 +38,9 @@ def test_f1_and_accuracy_flag_strictly_above_one_half():
     scores, labels = hand_case()
     metrics = point_metrics(scores, labels)
     # Flagged (> 0.5): humans 0.6, 0.7, 0.8, 0.9 (4 FP) and 8 machines from 0.55 up (8 TP, 2 FN).
-    assert metrics["f1"] == pytest.approx(2 * 8 / (2 * 8 + 4 + 2))
+    # Macro-F1: machine F1 16/22; human F1 (6 TN as hits, 2 FN, 4 FP) 12/18; their mean.
+    assert metrics["f1"] == pytest.approx((16 / 22 + 12 / 18) / 2)
+    assert weighted_metrics(scores, labels, np.ones((1, 20)))["f1"][0] == pytest.approx(metrics["f1"])
     assert metrics["acc"] == pytest.approx((8 + 6) / 20)
     assert point_metrics(np.array([0.5, 0.5]), np.array([0, 1]))["acc"] == pytest.approx(0.5)
 

@@ -50,6 +50,8 @@ def test_01_train_writes_checkpoints_bundles_and_summary(workdir):
     assert (run_dir / "models/inference/model_v1.0_final/model.safetensors").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_step"] == 18
+    assert summary["metrics_csv"] == "outputs/examples/train/logs/version_0/metrics.csv"  # one root: logs too
+    assert (run_dir / "logs/version_0/metrics.csv").is_file()
     assert "steps: 18; best checkpoint:" in out
 
 

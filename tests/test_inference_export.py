@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import os
@@ -10,7 +11,6 @@ import torch
 from bundle_helpers import TEXTS, tiny_model
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
 from callbacks.ema import EMACallback
 from callbacks.inference_export import InferenceExportCallback
@@ -18,6 +18,7 @@ from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import read_metadata
+from detector.data import DetectorDataModule
 from detector.run_folder import RunFolderError
 
 LABELS = [i % 2 for i in range(len(TEXTS))]
@@ -34,7 +35,8 @@ class TinyModule(pl.LightningModule):
         self._probs, self._labels, self._scores = [], [], None
 
     def training_step(self, batch, batch_idx):
-        return self.model(**batch).loss
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        return self.model(**inputs).loss
 
     def validation_step(self, batch, batch_idx):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -63,29 +65,17 @@ def tiny_model_from_vocab(vocab_size):
     return tiny_model(_Tok()).train()
 
 
-class TinyData(pl.LightningDataModule):
-    def __init__(self, tokenizer) -> None:
-        super().__init__()
-        self.tokenizer, self.max_length = tokenizer, 32
-
-    def data_fingerprint(self) -> str:
-        return "sha256:tiny"
-
-    def _loader(self):
-        def collate(rows):
-            enc = self.tokenizer(
-                [t for t, _ in rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
-            )
-            labels = torch.tensor([y for _, y in rows])
-            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
-
-        return DataLoader(list(zip(TEXTS, LABELS, strict=True)), batch_size=10, collate_fn=collate)
-
-    def train_dataloader(self):
-        return self._loader()
-
-    def val_dataloader(self):
-        return self._loader()
+def tiny_data(root, tokenizer) -> DetectorDataModule:
+    """The real data module over TEXTS (train = val), with the session's tokenizer saved as a folder."""
+    rows = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(TEXTS, LABELS, strict=True))
+    (root / "rows.jsonl").write_text(rows, encoding="utf-8")
+    if not (root / "tokenizer").exists():
+        tokenizer.save_pretrained(root / "tokenizer")
+    path = str(root / "rows.jsonl")
+    return DetectorDataModule(
+        train_path=path, val_path=path, tokenizer_path=str(root / "tokenizer"), max_length=32, batch_size=10,
+        eval_batch_size=10, balance="none",
+    )  # fmt: skip
 
 
 class HalfEMA(EMACallback):
@@ -107,7 +97,7 @@ def _fit(tmp_path, tokenizer, callback, val_f1, module_cls=ScoredModule, extra=(
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
         limit_train_batches=1, callbacks=[callback, *extra],
     )  # fmt: skip
-    trainer.fit(module, datamodule=TinyData(tokenizer), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=tiny_data(tmp_path, tokenizer), ckpt_path=ckpt_path)
     return module
 
 
@@ -151,7 +141,8 @@ def test_final_bundle_holds_the_trained_weights_and_the_run_metadata(tmp_path, b
     assert meta["threshold_source"] == "validation set (15 human, 15 machine texts)"
     assert (meta["version"], meta["epoch"], meta["step"]) == ("1.2", 1, 2)
     assert (meta["seed"], meta["weights"]) == (7, "trained")
-    assert (meta["data_fingerprint"], meta["max_length"], meta["target_fpr"]) == ("sha256:tiny", 32, 0.2)
+    fingerprint = hashlib.sha256((tmp_path / "rows.jsonl").read_bytes()).hexdigest()
+    assert (meta["data_fingerprint"], meta["max_length"], meta["target_fpr"]) == (fingerprint, 32, 0.2)
     assert meta["metrics"] == {"val_f1": pytest.approx(0.6)}
     assert meta["config"]["model"] == {
         "vocab_size": len(bundle_tokenizer),
@@ -353,3 +344,8 @@ def test_export_checkpoint_ships_the_chosen_weights(
     assert meta["checkpoint"] == str(tmp_path / "checkpoint_epoch_4.safetensors")
     assert meta["config"] == {"model": {"lr": 0.1}, "data": {}}
     assert meta["decision_threshold"] == 0.5
+
+
+def test_without_dirpath_bundles_go_under_the_trainers_default_root_dir(tmp_path, bundle_tokenizer):
+    _fit(tmp_path, bundle_tokenizer, InferenceExportCallback(), [0.5])
+    assert _names(tmp_path / "models" / "inference") == ["model_v1.0_epoch0", "model_v1.0_final"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from detector.metrics import TPRAtFPR, classification_metrics, tpr_at_fpr
+from detector.metrics import MacroF1, TPRAtFPR, classification_metrics, tpr_at_fpr
 
 
 def test_tpr_at_fpr_on_hand_computed_example():
@@ -35,10 +35,27 @@ def test_metric_collection_names_and_values():
     metrics.update(scores[3:], labels[3:])
     values = {k: v.item() for k, v in metrics.compute().items()}
     assert set(values) == {"val_f1", "val_auroc", "val_acc", "val_tpr_at_1fpr"}
-    # predictions at 0.5: 1,1,0,1,0,0 -> TP 2, FP 1, FN 1: F1 = 2/3, accuracy 4/6
+    # predictions at 0.5: 1,1,0,1,0,0 -> machine TP 2, FP 1, FN 1: F1 2/3; human TP 2, FP 1, FN 1: 2/3
+    # macro-F1 2/3, accuracy 4/6
     assert values["val_f1"] == pytest.approx(2 / 3)
     assert values["val_acc"] == pytest.approx(4 / 6)
     # pairs (machine > human): 0.9,0.8 beat all 3 humans; 0.3 beats 0.1 and 0.2: 8/9
     assert values["val_auroc"] == pytest.approx(8 / 9)
     # no human may be flagged: threshold above 0.6 catches 0.9 and 0.8
     assert values["val_tpr_at_1fpr"] == pytest.approx(2 / 3)
+
+
+def test_constant_machine_classifier_scores_below_a_real_one_on_machine_heavy_data():
+    labels = torch.tensor([1] * 86 + [0] * 14)
+    constant, real = MacroF1(), MacroF1()
+    constant.update(torch.full((100,), 0.9), labels)
+    # A real (imperfect) classifier: 80 of 86 machines and 10 of 14 humans right.
+    scores = torch.cat(
+        [torch.full((80,), 0.8), torch.full((6,), 0.2), torch.full((10,), 0.1), torch.full((4,), 0.7)]
+    )
+    real.update(scores, labels)
+    # Constant: machine F1 2*86/(2*86+14) = 172/186, human F1 0 (no human hit): mean 86/186.
+    assert constant.compute().item() == pytest.approx(86 / 186)
+    machine_f1, human_f1 = 160 / (160 + 4 + 6), 20 / (20 + 6 + 4)
+    assert real.compute().item() == pytest.approx((machine_f1 + human_f1) / 2)
+    assert constant.compute() < 0.5 < real.compute()

@@ -2,7 +2,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from detector.backbone import architecture_config
-from detector.module import DetectorModule
+from detector.module import DetectorModule, _first_occurrences
 from tests.conftest import TINY_ARCH
 
 
@@ -56,3 +56,10 @@ def test_optimizer_skips_decay_on_biases_and_layernorm_and_warms_up_then_decays(
         config["optimizer"].step()
         scheduler.step()
     assert lrs == [0.0, 5e-4, 1e-3, 1e-3 * 5 / 6, 1e-3 * 4 / 6, 1e-3 * 3 / 6, 1e-3 * 2 / 6, 1e-3 / 6]
+
+
+def test_padded_validation_rows_are_counted_once_in_row_order():
+    # Two ranks' shares of 5 rows, padded by wrapping around: rank 0 [0, 2, 4], rank 1 [1, 3, 0].
+    rows, first = _first_occurrences(torch.tensor([0, 2, 4, 1, 3, 0]))
+    assert rows.tolist() == [0, 1, 2, 3, 4]
+    assert first.tolist() == [0, 3, 1, 4, 2]

@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from multi_device_helpers import TINY, cli_fit, metric_rows, tensors
 from safetensors.torch import load_file
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 from transformers import DebertaV2ForSequenceClassification
 
 from detector.bundle.export import bundle_origin
+from detector.bundle.thresholds import threshold_at_fpr
+from detector.bundle.writer import read_metadata
 from detector.checkpoint.format import load_state
 from detector.checkpoint.reader import load_checkpoint_state, read_checkpoint_header
 from detector.checkpoint.sharded import INDEX_NAME, read_index, shard_name
@@ -25,6 +27,7 @@ from detector.commands.export import main as export_main
 from detector.data import DetectorDataModule, pad_batch
 from detector.demo import demo_rows
 from detector.loader import ResumableDataLoader, ResumableSampler
+from detector.metrics import MacroF1
 from detector.module import DetectorModule
 from tests.conftest import write_jsonl
 
@@ -64,7 +67,10 @@ def test_ddp_fit_writes_one_set_of_checkpoints_logs_and_bundles(ddp_run) -> None
     assert _names(outputs) == {"checkpoints", "logs", "models", "summary.json"}
     assert _names(outputs / "checkpoints") == _expected_checkpoints(cwd)
     assert _names(outputs / "logs") == {"version_0"}
-    assert _names(outputs / "logs/version_0") == {"config.yaml", "hparams.yaml", "metrics.csv"}
+    logs = _names(outputs / "logs/version_0")
+    events = {name for name in logs if name.startswith("events.out.tfevents.")}
+    assert len(events) == 1  # TensorBoard, written once, beside metrics.csv
+    assert logs - events == {"config.yaml", "hparams.yaml", "metrics.csv"}
     steps = [int(row["step"]) for row in metric_rows(cwd) if row["train_loss_step"]]
     assert steps == list(range(STEPS))
     state = load_state(outputs / "checkpoints" / LATEST_NAME)
@@ -117,6 +123,43 @@ def test_mid_epoch_position_maps_onto_another_rank_count_with_the_same_global_ba
     _loader(8, 1).load_state_dict({**state, "batches_consumed": 6})  # the epoch's end: any batch
 
 
+def _macro_f1(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    metric = MacroF1()
+    metric.update(scores, labels)
+    return metric.compute()
+
+
+def _whole_val_set_scores(cwd: Path, data: dict[str, Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """P(machine) of the last validation's (EMA) weights on every validation row, in one process."""
+    state = load_state(cwd / "outputs/checkpoints" / LATEST_NAME)
+    dm = DetectorDataModule(
+        train_path=str(data["train"]), val_path=str(data["val"]),
+        tokenizer_root=str(cwd.parent / "tokenizer"), tokenizer_vocab_size=200, max_length=128,
+    )  # fmt: skip
+    dm.setup("fit")
+    module = DetectorModule(arch=json.loads(TINY), vocab_size=dm.vocab_size).eval()
+    module.load_state_dict(state["callbacks"]["EMACallback"]["ema"])
+    dataset = dm.datasets["val"]
+    batch = pad_batch([dataset[i] for i in range(len(dataset))], dm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = module(batch["input_ids"], batch["attention_mask"]).float().softmax(-1)[:, 1]
+    return scores, batch["labels"]
+
+
+@pytest.mark.slow
+def test_ddp_bundle_threshold_is_chosen_on_the_whole_validation_set(ddp_run, data) -> None:
+    cwd, _ = ddp_run
+    meta = read_metadata(cwd / "outputs/models/inference/model_v1.0_final")
+    scores, labels = _whole_val_set_scores(cwd, data)
+    humans = int((labels == 0).sum())
+    # Both ranks' shares, each row once (rank 0 alone holds 16 of the 32 rows).
+    machines = len(labels) - humans
+    assert meta["threshold_source"] == f"validation set ({humans} human, {machines} machine texts)"
+    expected = threshold_at_fpr(scores, labels, meta["target_fpr"])
+    assert meta["decision_threshold"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert meta["max_length"] == 128  # the data module's, as trained and thresholded
+
+
 @pytest.mark.slow
 def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> None:
     cwd, _ = ddp_run
@@ -141,7 +184,7 @@ def test_ddp_validation_metrics_are_reduced_over_both_ranks(ddp_run, data) -> No
     score, label = torch.cat(scores), torch.cat(labels)
     expected = {
         "val_loss": torch.stack(losses).mean(),
-        "val_f1": binary_f1_score(score, label),
+        "val_f1": _macro_f1(score, label),
         "val_auroc": binary_auroc(score, label),
         "val_acc": binary_accuracy(score, label),
     }

@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.format import read_header
 from detector.checkpoint.reader import disk_usage
 from detector.cli import build_cli
-from detector.run_summary import build_summary, summary_rows, write_summary
+from detector.run_summary import build_summary, next_step, summary_rows, write_summary
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EXPORT = (
@@ -62,9 +63,13 @@ def test_summary_json_matches_the_files_on_disk(fitted, tmp_path):
     assert all((tmp_path / p).is_file() for p in files)
     assert section["disk_bytes"] == inode_bytes(folder)
     root = "outputs/models/inference"
+    # An epoch bundle each time val_f1 improved (read back from the run's metrics.csv), then the final one.
+    with open(tmp_path / "outputs/logs/version_0/metrics.csv") as handle:
+        val_f1 = [float(row["val_f1"]) for row in csv.DictReader(handle) if row["val_f1"]]
+    improved = [epoch for epoch, score in enumerate(val_f1) if score > max(val_f1[:epoch], default=-1.0)]
+    assert improved[0] == 0
     assert summary["bundles"] == [
-        f"{root}/model_v2.0_epoch0",
-        f"{root}/model_v2.0_epoch1",
+        *(f"{root}/model_v2.0_epoch{epoch}" for epoch in improved),
         f"{root}/model_v2.0_final",
     ]
     assert all((tmp_path / p / "model.safetensors").is_file() for p in summary["bundles"])
@@ -92,7 +97,7 @@ def test_write_summary_is_strict_json_and_leaves_no_temp(tmp_path):
     path = write_summary(summary, tmp_path / "out" / "summary.json")
     assert json.loads(path.read_text()) == {
         "global_step": 3, "epochs": 1, "wall_time_s": 1.235, "save_time_s": 0.5, "saves": 2,
-        "checkpoints": None, "bundles": [], "stopped": "finished",
+        "checkpoints": None, "bundles": [], "stopped": "finished", "val_weights": None, "metrics_csv": None,
     }  # fmt: skip
     assert sorted(p.name for p in path.parent.iterdir()) == ["summary.json"]
     with pytest.raises(ValueError):
@@ -124,3 +129,23 @@ def test_summary_rows_show_missing_best_and_scores():
 def test_path_must_be_given():
     with pytest.raises(ValueError, match="path must be a file path"):
         RunSummary(path="")
+
+
+def test_rows_name_the_validated_weights_and_metrics_and_the_next_step_scores_the_last_bundle():
+    best = {"score": 0.9, "epoch": 1, "step": 8, "path": "c/checkpoint_best_val_f1.safetensors"}
+    checkpoints = {"dirpath": "c", "monitor": "val_f1", "mode": "max", "best": best, "top_k": [],
+                   "epoch_files": [], "step_files": [], "disk_bytes": 10}  # fmt: skip
+    common = {"global_step": 8, "epochs": 2, "wall_time_s": 1.0, "save_time_s": None, "saves": None,
+              "checkpoints": checkpoints, "val_weights": "ema", "metrics_csv": "l/metrics.csv"}  # fmt: skip
+    summary = build_summary(**common, bundles=["m/model_v1.0_epoch1", "m/model_v1.0_final"])
+    assert summary_rows(summary)[-2:] == [("validated on", "ema weights"), ("metrics", "l/metrics.csv")]
+    assert (
+        next_step(summary)
+        == "Next: python -m detector score m/model_v1.0_final YOUR_TEXTS.jsonl -o scores.jsonl"
+    )
+    no_bundle = build_summary(**common, bundles=[])
+    assert (
+        next_step(no_bundle)
+        == "Next: python -m detector export c/checkpoint_best_val_f1.safetensors --version 1.0"
+    )
+    assert next_step(build_summary(**{**common, "checkpoints": None}, bundles=[])) is None

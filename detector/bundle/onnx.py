@@ -13,6 +13,7 @@ or ``torch.export.export`` on the same wrapper.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,24 @@ ONNX_FILE = "model.onnx"
 ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
 INPUT_NAMES = ("input_ids", "attention_mask")
+# What `onnx: true` needs beyond the base install: the `onnx` extra of pyproject.toml.
+ONNX_EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
+ONNX_EXTRA_INSTALL = 'pip install -e ".[onnx]"'
+
+
+def require_onnx() -> None:
+    """Raise ``ImportError`` naming the ``onnx`` extra when a module the ONNX export needs is missing.
+
+    Checked before any work (a run stops before training, not at its first bundle).
+    """
+    missing = [name for name in ONNX_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"ONNX export needs {', '.join(missing)} (not installed): install the `onnx` extra with "
+            f"{ONNX_EXTRA_INSTALL}, or turn the ONNX export off"
+        )
+
+
 # Texts of different lengths, so the check runs at a batch and sequence size other than the export's.
 CHECK_TEXTS = (
     "A short text.",

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from detector.atomic import TEMP_MARKER, new_dir
 from detector.bundle.card import render_card
-from detector.bundle.onnx import export_and_check
+from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
 from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
 
@@ -148,7 +149,14 @@ def _write_contents(
     onnx: bool,
 ) -> None:
     state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
-    model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
+    # One file, no shards: transformers' "Writing model shards" bar would only clutter the console.
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     _write_tokenizer(tokenizer, folder, metadata["max_length"])
     if onnx:
         # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
@@ -186,9 +194,12 @@ def write_bundle(
     Raises:
         BundleExistsError: ``root/name`` exists.
         ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
+        ImportError: ``onnx`` without the ``onnx`` extra installed (the message says how to install it).
     """
     root = Path(root)
     final = _check_name(root, name)
+    if onnx:
+        require_onnx()
     _check_model(model, weights)
     completed = training_metadata(metadata, model, name)
     root.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from detector.checkpoint.reader import read_checkpoint_header
+from detector.bundle.export import checkpoint_weights
+from detector.bundle.writer import read_metadata
+from detector.checkpoint.reader import load_checkpoint_state
 from detector.data import EncodedDataset, pad_batch
 from detector.evaluation.baseline import train_baseline
 from detector.evaluation.report import write_report
@@ -30,9 +32,26 @@ DETECTOR, BASELINE = "detector", "tfidf_baseline"
 
 
 def score_checkpoint(
-    checkpoint: str | Path, texts: Sequence[str], batch_size: int | None = None, device: str = "cpu"
+    checkpoint: str | Path,
+    texts: Sequence[str],
+    batch_size: int | None = None,
+    device: str = "cpu",
+    weights: Literal["ema", "raw"] = "ema",
 ) -> np.ndarray:
-    """P(machine) per text from a checkpoint, batched in file order as Lightning's ``test`` does.
+    """P(machine) per text from a checkpoint (see :func:`score_checkpoint_weights`)."""
+    return score_checkpoint_weights(checkpoint, texts, batch_size, device, weights)[0]
+
+
+def score_checkpoint_weights(
+    checkpoint: str | Path,
+    texts: Sequence[str],
+    batch_size: int | None = None,
+    device: str = "cpu",
+    weights: Literal["ema", "raw"] = "ema",
+) -> tuple[np.ndarray, str]:
+    """P(machine) per text from a checkpoint, batched in file order as Lightning's ``test`` does, and
+    which weights scored: ``ema`` (the default, as ``test`` and the bundles; the raw ones when the
+    checkpoint has no EMA) or ``raw``.
 
     The tokenizer is the one stored in the checkpoint (:func:`detector.tokenizer.checkpoint_tokenizer`),
     so no tokenizer folder or training file is needed. Tokenization (``max_length``) and the default
@@ -41,14 +60,19 @@ def score_checkpoint(
     """
     from detector.module import DetectorModule
 
-    state = read_checkpoint_header(checkpoint)["state"]  # no tensor read
+    state = load_checkpoint_state(checkpoint)
     data_hparams = dict(state.get("datamodule_hyper_parameters") or {})
     tokenizer = checkpoint_tokenizer(state, checkpoint)
     max_length = int(data_hparams.get("max_length", 256))
     batch_size = (
         batch_size or data_hparams.get("eval_batch_size") or 2 * int(data_hparams.get("batch_size", 16))
     )
-    module = DetectorModule.load_from_checkpoint(checkpoint, map_location="cpu").to(device).eval()
+    # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
+    hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    module = DetectorModule(**hparams)
+    chosen, source = checkpoint_weights(state, use_ema=weights == "ema")
+    module.model.load_state_dict(chosen)
+    module = module.to(device).eval()
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     dataset = EncodedDataset(encoded, [None] * len(encoded))
     scores = []
@@ -58,7 +82,7 @@ def score_checkpoint(
             batch = pad_batch(items, tokenizer.pad_token_id or 0)
             logits = module(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             scores.append(prob_machine(logits).cpu())
-    return torch.cat(scores).numpy()
+    return torch.cat(scores).numpy(), "ema" if source == "ema" else "raw"
 
 
 def score_bundle(
@@ -83,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", help="a training checkpoint (.safetensors) to score with")
     model.add_argument("--bundle", help="an inference bundle folder to score with")
+    parser.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        default="ema",
+        help="--checkpoint: score the EMA weights (what fit ranks and bundles ship; the raw ones when the "
+        "checkpoint has no EMA) or the raw training weights",
+    )
     parser.add_argument("--baseline-train", help="train the TF-IDF baseline on this file and report it too")
     parser.add_argument("--out", required=True, help="report folder to write")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
@@ -93,11 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def score_systems(args: argparse.Namespace, records: Records) -> dict[str, np.ndarray]:
-    """P(machine) per row for each system the arguments name, detector first."""
+    """P(machine) per row for each system the arguments name, detector first.
+
+    Sets ``args.scored_weights`` to the weights the detector scored with (``ema``, ``raw``, or
+    the bundle's shipped weights, as its metadata names them).
+    """
     systems: dict[str, np.ndarray] = {}
+    args.scored_weights = None
     if args.checkpoint:
-        systems[DETECTOR] = score_checkpoint(args.checkpoint, records.text, args.batch_size, args.device)
+        systems[DETECTOR], args.scored_weights = score_checkpoint_weights(
+            args.checkpoint, records.text, args.batch_size, args.device, args.weights
+        )
     if args.bundle:
+        args.scored_weights = f"the bundle's ({read_metadata(args.bundle).get('weights')})"
         systems[DETECTOR] = score_bundle(args.bundle, records.text, args.batch_size or 32, args.device)
     if args.baseline_train:
         systems[BASELINE] = train_baseline(args.baseline_train).predict_proba(records.text)
@@ -125,16 +164,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap=args.bootstrap,
             seed=args.seed,
             data=str(args.data),
+            weights=args.scored_weights,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"detector evaluate: error: {err}", file=sys.stderr)
         return 2
-    print(_overview(report["overall"], args.out))
+    print(_overview(report["overall"], args.out, args.scored_weights))
     return 0
 
 
-def _overview(overall: Mapping[str, Mapping[str, Any]], out: str) -> str:
+def _overview(overall: Mapping[str, Mapping[str, Any]], out: str, weights: str | None = None) -> str:
     lines = [f"report written to {out}"]
+    if weights is not None:
+        lines.append(f"scored weights: {weights}")
     for name, entry in overall.items():
         values = ", ".join(
             f"{m} {entry[m]:.4f}" for m in ("auroc", "f1", "tpr_at_1fpr", "ece") if entry[m] is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from detector.bundle.export import checkpoint_weights, export_checkpoint
 from detector.bundle.loading import Detector, model_logits
+from detector.bundle.onnx import require_onnx
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.module import DetectorModule
 from detector.records import read_records
@@ -49,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Export ``checkpoint`` to a bundle; print its path."""
     args = _parser().parse_args(argv)
+    if args.onnx:
+        try:
+            require_onnx()
+        except ImportError as err:
+            print(f"detector export: error: {err}", file=sys.stderr)
+            return 2
     checkpoint = load_checkpoint_state(args.checkpoint)
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}

@@ -49,6 +49,23 @@ def _roc(scores: np.ndarray, labels: np.ndarray, w: np.ndarray) -> tuple[np.ndar
     return fpr, tpr
 
 
+def macro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, tn: np.ndarray) -> np.ndarray:
+    """Mean of the machine and human F1, over the classes present in labels or predictions.
+
+    The vectorised twin of :class:`detector.metrics.MacroF1` (torchmetrics' macro average, which skips
+    a class with no true positive, false positive or false negative).
+    """
+    per_class = []
+    for hit, false_pos, false_neg in ((tp, fp, fn), (tn, fn, fp)):
+        denom = 2 * hit + false_pos + false_neg
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_class.append((np.where(denom > 0, 2 * hit / denom, 0.0), denom > 0))
+    present = per_class[0][1].astype(np.float64) + per_class[1][1]
+    total = per_class[0][0] * per_class[0][1] + per_class[1][0] * per_class[1][1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present > 0, total / present, 0.0)
+
+
 def weighted_metrics(
     scores: np.ndarray,
     labels: np.ndarray,
@@ -66,10 +83,10 @@ def weighted_metrics(
     result["auroc"][np.isnan(fpr[:, -1]) | np.isnan(tpr[:, -1])] = np.nan
     flagged = (scores > threshold).astype(np.float64)
     tp, fp = counts @ (flagged * labels), counts @ (flagged * (1 - labels))
-    fn = counts @ ((1 - flagged) * labels)
+    fn, tn = counts @ ((1 - flagged) * labels), counts @ ((1 - flagged) * (1 - labels))
     total = counts.sum(axis=1)
+    result["f1"] = macro_f1(tp, fp, fn, tn)
     with np.errstate(invalid="ignore", divide="ignore"):
-        result["f1"] = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
         result["acc"] = counts @ (flagged == labels).astype(np.float64) / total
     bins = np.eye(n_bins)[np.minimum((scores * n_bins).astype(int), n_bins - 1)]
     gap = counts @ (bins * (scores - labels)[:, None])

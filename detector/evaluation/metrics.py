@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics.functional.classification import binary_accuracy, binary_auroc, binary_f1_score
+from torchmetrics.functional.classification import binary_accuracy, binary_auroc
 
 from detector.evaluation.bootstrap import percentile_intervals, resample_counts, weighted_metrics
-from detector.metrics import tpr_at_fpr
+from detector.metrics import MacroF1, tpr_at_fpr
 from detector.scoring import DEFAULT_THRESHOLD
 
 ECE_BINS = 15  # equal-width bins of P(machine) over [0, 1]
@@ -67,8 +67,14 @@ def expected_calibration_error(scores: np.ndarray, labels: np.ndarray, n_bins: i
     return float(np.sum(bins["count"][filled] * gaps) / np.sum(bins["count"]))
 
 
+def _macro_f1(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    metric = MacroF1(DEFAULT_THRESHOLD)
+    metric.update(scores, labels)
+    return float(metric.compute())
+
+
 def point_metrics(scores: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, float | None]:
-    """AUROC, F1 (machine class) and accuracy at 0.5, TPR at 1% and 5% FPR, ECE.
+    """AUROC, macro-F1 (human and machine) and accuracy at 0.5, TPR at 1% and 5% FPR, ECE.
 
     AUROC and the TPRs are ``None`` unless both classes are present.
     """
@@ -78,7 +84,7 @@ def point_metrics(scores: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS
     both = 0 < labels.sum() < labels.size
     metrics: dict[str, float | None] = {
         "auroc": float(binary_auroc(s, y)) if both else None,
-        "f1": float(binary_f1_score(s, y, threshold=DEFAULT_THRESHOLD)),
+        "f1": _macro_f1(s, y),
         "acc": float(binary_accuracy(s, y, threshold=DEFAULT_THRESHOLD)),
         "tpr_at_1fpr": float(tpr_at_fpr(s, y, 0.01)) if both else None,
         "tpr_at_5fpr": float(tpr_at_fpr(s, y, 0.05)) if both else None,

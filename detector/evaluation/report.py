@@ -25,7 +25,7 @@ from detector.scoring import DEFAULT_THRESHOLD
 REPORT_FILES = ("metrics.json", "summary.md", "roc_curve.png", "reliability_diagram.png")
 METRIC_TITLES = {
     "auroc": "AUROC",
-    "f1": "F1 (machine, P > 0.5)",
+    "f1": "macro-F1 (human and machine, P > 0.5)",
     "acc": "accuracy (P > 0.5)",
     "tpr_at_1fpr": "TPR at 1% FPR",
     "tpr_at_5fpr": "TPR at 5% FPR",
@@ -84,6 +84,7 @@ def render_summary(result: Mapping[str, Any], settings: Mapping[str, Any]) -> st
         f"stratified by label, seed {settings['seed']}."
         if settings["bootstrap"]
         else "No bootstrap intervals (0 resamples).",
+        *([f"Weights scored: {settings['weights']}."] if settings.get("weights") else []),
         "",
         "## Overall",
         "",
@@ -164,6 +165,7 @@ def write_report(
     seed: int = 0,
     confidence: float = 0.95,
     data: str | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate and write ``REPORT_FILES`` into ``out_dir`` (created; those files are replaced).
 
@@ -174,6 +176,7 @@ def write_report(
         out_dir: the report folder.
         bootstrap, seed, confidence: see :func:`detector.evaluation.metrics.evaluate`.
         data: the evaluated file, recorded in the report.
+        weights: which weights the detector scored with (``ema`` or ``raw``), recorded in the report.
 
     Returns:
         The content of ``metrics.json``.
@@ -184,6 +187,7 @@ def write_report(
     result = evaluate(arrays, y, extra_columns, bootstrap=bootstrap, seed=seed, confidence=confidence)
     settings = {
         "data": data,
+        "weights": weights,
         "threshold": DEFAULT_THRESHOLD,
         "ece_bins": ECE_BINS,
         "bootstrap": bootstrap,
