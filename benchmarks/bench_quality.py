@@ -89,7 +89,9 @@ def settings(out: Path) -> dict[str, dict[str, Path]]:
     }
 
 
-def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tuple[Path, float, float]:
+def train_recipe(
+    recipe: Path, paths: dict[str, Path], workdir: Path, extra: list[str]
+) -> tuple[Path, float, float]:
     """Fit the CPU recipe in ``workdir``; return the final checkpoint, wall and CPU seconds.
 
     CPU seconds (all threads of this process) are the honest budget on a shared machine: 30 minutes
@@ -99,7 +101,7 @@ def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tup
     os.chdir(workdir)
     args = [
         "--config",
-        str(RECIPE),
+        str(recipe),
         "--data.train_path",
         str(paths["train"]),
         "--data.val_path",
@@ -126,15 +128,17 @@ def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Nam
     extra = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     extra += ["--trainer.max_time", "null"] if args.no_time_cap else []
     extra += args.recipe_args
-    checkpoint, train_seconds, train_cpu = train_recipe(paths, out / name, extra)
+    systems: dict[str, Any] = {}
+    seconds: dict[str, tuple[float, float]] = {}
     records = read_records(paths["eval"])
+    for recipe in args.recipes:
+        checkpoint, train_seconds, train_cpu = train_recipe(recipe, paths, out / name / recipe.stem, extra)
+        systems[recipe.stem] = score_checkpoint(checkpoint, records.text)
+        seconds[recipe.stem] = (train_seconds, train_cpu)
     start, cpu_start = time.perf_counter(), time.process_time()
     baseline = train_baseline(paths["train"])
-    baseline_seconds, baseline_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    systems = {
-        "cpu_recipe": score_checkpoint(checkpoint, records.text),
-        "tfidf_baseline": baseline.predict_proba(records.text),
-    }
+    seconds["tfidf_baseline"] = (time.perf_counter() - start, time.process_time() - cpu_start)
+    systems["tfidf_baseline"] = baseline.predict_proba(records.text)
     labels = [int(label) for label in records.label if label is not None]
     report = write_report(
         systems,
@@ -145,7 +149,6 @@ def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Nam
         seed=0,
         data=str(paths["eval"]),
     )
-    seconds = {"cpu_recipe": (train_seconds, train_cpu), "tfidf_baseline": (baseline_seconds, baseline_cpu)}
     return {"overall": report["overall"], "train_seconds": seconds}
 
 
@@ -172,6 +175,14 @@ def main() -> None:
         default=["in_domain", f"heldout_{HELDOUT}"],
         help="in_domain, heldout_pubmed, and/or select (a group-wise tenth of train.jsonl, for tuning)",
     )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        type=Path,
+        default=[RECIPE],
+        help="training configs to compare with the baseline, each a system named after its file "
+        "(configs/cpu_recipe.yaml, configs/pretrained_cpu.yaml)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument(
         "--threads",
@@ -189,6 +200,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
+    args.recipes = [recipe.resolve() for recipe in args.recipes]
     chosen = settings(out)
     results = {}
     for name, paths in chosen.items():
