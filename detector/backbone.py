@@ -83,7 +83,8 @@ def resolve_pretrained(name_or_path: str) -> str:
     folder = Path(locations[0]) / inner
     if not folder.is_dir():
         raise ValueError(
-            f"model.pretrained {name_or_path!r}: package {package!r} (at {locations[0]}) has no folder {inner!r}"
+            f"model.pretrained {name_or_path!r}: package {package!r} (at {locations[0]}) "
+            f"has no folder {inner!r}"
         )
     return str(folder)
 
@@ -96,7 +97,7 @@ def is_pretrained_source(name_or_path: str | None) -> bool:
 def build_classifier(
     pretrained: str | None, vocab_size: int, pad_token_id: int = 0, arch: dict[str, Any] | None = None
 ) -> PreTrainedModel:
-    """Load ``pretrained`` (hub id, local HF folder or ``package:``) with a fresh 2-label head, or build from ``arch``."""
+    """Load ``pretrained`` (hub id, folder, ``package:``) with a fresh 2-label head, or build ``arch``."""
     if pretrained:
         source = resolve_pretrained(pretrained)
         config = AutoConfig.from_pretrained(

