@@ -1,6 +1,8 @@
-"""Detection quality: the CPU recipe vs the TF-IDF baseline, in-domain and on a held-out domain.
+"""Detection quality: CPU training configs vs the TF-IDF baseline, in-domain and on a held-out domain.
 
-Two settings, each trained from scratch on the CPU and evaluated on data it never trained on:
+Each config in ``--recipes`` (default: the from-scratch ``configs/cpu_recipe.yaml``; also
+``configs/pretrained_cpu.yaml``, the packaged pretrained backbone) is a system, named after its file.
+Two settings, each trained on the CPU and evaluated on data it never trained on:
 
 - ``in_domain``: train on ``fdgpt_family/train.jsonl``, evaluate on ``val.jsonl``;
 - ``heldout_pubmed``: train on ``train.jsonl`` without ``pubmed`` (validation: ``val.jsonl`` without
@@ -12,6 +14,7 @@ model is the final one (no checkpoint selection on the evaluation data). Each se
 report folder (``detector.evaluation.report.write_report``) and the script prints one table::
 
     python benchmarks/bench_quality.py --out /tmp/bench_quality --threads 1  # about 20 min, 2 cores
+    python benchmarks/bench_quality.py --recipes configs/cpu_recipe.yaml configs/pretrained_cpu.yaml
     python benchmarks/bench_quality.py --settings in_domain --max-steps 50  # a quick smoke run
     python benchmarks/bench_quality.py --settings in_domain --no-time-cap   # every epoch, however busy
     python benchmarks/bench_quality.py --settings select --model.arch.num_hidden_layers 2  # tuning
@@ -92,7 +95,7 @@ def settings(out: Path) -> dict[str, dict[str, Path]]:
 def train_recipe(
     recipe: Path, paths: dict[str, Path], workdir: Path, extra: list[str]
 ) -> tuple[Path, float, float]:
-    """Fit the CPU recipe in ``workdir``; return the final checkpoint, wall and CPU seconds.
+    """Fit the config ``recipe`` in ``workdir``; return the final checkpoint, wall and CPU seconds.
 
     CPU seconds (all threads of this process) are the honest budget on a shared machine: 30 minutes
     on 2 idle cores is at most 60 CPU minutes; wall time there grows with the other jobs' load.
