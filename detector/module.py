@@ -87,7 +87,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         if mesh is None or isinstance(self.model, FSDPModule):
             return
         data_parallel = mesh["data_parallel"]
-        layers: Any = self.model.base_model.encoder.layer
+        base: Any = self.model.base_model
+        layers = base.encoder.layer
         for layer in layers:
             fully_shard(layer, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
@@ -168,7 +169,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
 
     def configure_optimizers(self) -> Any:
         h: Any = self.hparams
-        num_layers = len(self.model.base_model.encoder.layer)
+        base: Any = self.model.base_model
+        num_layers = len(base.encoder.layer)
         # One group per (weight decay or not, depth); with layer_decay 1 every depth is the top one.
         groups: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
