@@ -1,6 +1,8 @@
-"""Detection quality: the CPU recipe vs the TF-IDF baseline, in-domain and on a held-out domain.
+"""Detection quality: CPU training configs vs the TF-IDF baseline, in-domain and on a held-out domain.
 
-Two settings, each trained from scratch on the CPU and evaluated on data it never trained on:
+Each config in ``--recipes`` (default: the from-scratch ``configs/cpu_recipe.yaml``; also
+``configs/pretrained_cpu.yaml``, the packaged pretrained backbone) is a system, named after its file.
+Two settings, each trained on the CPU and evaluated on data it never trained on:
 
 - ``in_domain``: train on ``fdgpt_family/train.jsonl``, evaluate on ``val.jsonl``;
 - ``heldout_pubmed``: train on ``train.jsonl`` without ``pubmed`` (validation: ``val.jsonl`` without
@@ -12,6 +14,7 @@ model is the final one (no checkpoint selection on the evaluation data). Each se
 report folder (``detector.evaluation.report.write_report``) and the script prints one table::
 
     python benchmarks/bench_quality.py --out /tmp/bench_quality --threads 1  # about 20 min, 2 cores
+    python benchmarks/bench_quality.py --recipes configs/cpu_recipe.yaml configs/pretrained_cpu.yaml
     python benchmarks/bench_quality.py --settings in_domain --max-steps 50  # a quick smoke run
     python benchmarks/bench_quality.py --settings in_domain --no-time-cap   # every epoch, however busy
     python benchmarks/bench_quality.py --settings select --model.arch.num_hidden_layers 2  # tuning
@@ -89,8 +92,10 @@ def settings(out: Path) -> dict[str, dict[str, Path]]:
     }
 
 
-def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tuple[Path, float, float]:
-    """Fit the CPU recipe in ``workdir``; return the final checkpoint, wall and CPU seconds.
+def train_recipe(
+    recipe: Path, paths: dict[str, Path], workdir: Path, extra: list[str]
+) -> tuple[Path, float, float]:
+    """Fit the config ``recipe`` in ``workdir``; return the final checkpoint, wall and CPU seconds.
 
     CPU seconds (all threads of this process) are the honest budget on a shared machine: 30 minutes
     on 2 idle cores is at most 60 CPU minutes; wall time there grows with the other jobs' load.
@@ -99,7 +104,7 @@ def train_recipe(paths: dict[str, Path], workdir: Path, extra: list[str]) -> tup
     os.chdir(workdir)
     args = [
         "--config",
-        str(RECIPE),
+        str(recipe),
         "--data.train_path",
         str(paths["train"]),
         "--data.val_path",
@@ -126,15 +131,17 @@ def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Nam
     extra = ["--trainer.max_steps", str(args.max_steps)] if args.max_steps else []
     extra += ["--trainer.max_time", "null"] if args.no_time_cap else []
     extra += args.recipe_args
-    checkpoint, train_seconds, train_cpu = train_recipe(paths, out / name, extra)
+    systems: dict[str, Any] = {}
+    seconds: dict[str, tuple[float, float]] = {}
     records = read_records(paths["eval"])
+    for recipe in args.recipes:
+        checkpoint, train_seconds, train_cpu = train_recipe(recipe, paths, out / name / recipe.stem, extra)
+        systems[recipe.stem] = score_checkpoint(checkpoint, records.text)
+        seconds[recipe.stem] = (train_seconds, train_cpu)
     start, cpu_start = time.perf_counter(), time.process_time()
     baseline = train_baseline(paths["train"])
-    baseline_seconds, baseline_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    systems = {
-        "cpu_recipe": score_checkpoint(checkpoint, records.text),
-        "tfidf_baseline": baseline.predict_proba(records.text),
-    }
+    seconds["tfidf_baseline"] = (time.perf_counter() - start, time.process_time() - cpu_start)
+    systems["tfidf_baseline"] = baseline.predict_proba(records.text)
     labels = [int(label) for label in records.label if label is not None]
     report = write_report(
         systems,
@@ -145,7 +152,6 @@ def run_setting(name: str, paths: dict[str, Path], out: Path, args: argparse.Nam
         seed=0,
         data=str(paths["eval"]),
     )
-    seconds = {"cpu_recipe": (train_seconds, train_cpu), "tfidf_baseline": (baseline_seconds, baseline_cpu)}
     return {"overall": report["overall"], "train_seconds": seconds}
 
 
@@ -172,6 +178,14 @@ def main() -> None:
         default=["in_domain", f"heldout_{HELDOUT}"],
         help="in_domain, heldout_pubmed, and/or select (a group-wise tenth of train.jsonl, for tuning)",
     )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        type=Path,
+        default=[RECIPE],
+        help="training configs to compare with the baseline, each a system named after its file "
+        "(configs/cpu_recipe.yaml, configs/pretrained_cpu.yaml)",
+    )
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument(
         "--threads",
@@ -189,6 +203,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
+    args.recipes = [recipe.resolve() for recipe in args.recipes]
     chosen = settings(out)
     results = {}
     for name, paths in chosen.items():

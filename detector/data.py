@@ -12,7 +12,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from detector.backbone import has_own_tokenizer
+from detector.backbone import has_own_tokenizer, resolve_pretrained
 from detector.demo import write_demo_corpus
 from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.records import Records, read_records
@@ -166,7 +166,7 @@ class DetectorDataModule(LightningDataModule):
             if h.tokenizer_path is not None:
                 self._tokenizer = AutoTokenizer.from_pretrained(h.tokenizer_path)
             elif has_own_tokenizer(pretrained):
-                self._tokenizer = AutoTokenizer.from_pretrained(pretrained)
+                self._tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(pretrained))
             else:
                 name = f"{self.data_fingerprint()[:16]}-v{h.tokenizer_vocab_size}"
                 folder = Path(self.tokenizer_root) / name

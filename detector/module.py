@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -32,6 +33,11 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         warmup_ratio: share of the optimizer steps spent warming up linearly, then linear decay to 0.
         betas: AdamW's coefficients of the running averages of the gradient and its square.
         eps: AdamW's term added to the denominator for numerical stability.
+        layer_decay: layer-wise learning-rate decay: the classifier head and pooler train at
+            ``learning_rate``, encoder layer ``i`` (of ``N``) at ``learning_rate * layer_decay ** (N - i)``
+            and the embeddings at ``learning_rate * layer_decay ** (N + 1)``; 1.0 trains all alike.
+        freeze_embeddings: keep the backbone's embeddings fixed (no gradient, no optimizer state): for
+            a pretrained backbone on a CPU budget, the largest block of weights and the least to gain.
     """
 
     loss_weight: torch.Tensor
@@ -46,14 +52,20 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         warmup_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
+        layer_decay: float = 1.0,
+        freeze_embeddings: bool = False,
     ) -> None:
         super().__init__()
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if not 0.0 < layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         self.save_hyperparameters()
         self.model = build_classifier(pretrained, vocab_size, arch=arch)
+        if freeze_embeddings:
+            self.model.base_model.embeddings.requires_grad_(False)
         self.val_metrics = classification_metrics("val_")
         self.test_metrics = classification_metrics("test_")
         self.register_buffer("loss_weight", torch.ones(2), persistent=False)
@@ -80,7 +92,8 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         if mesh is None or isinstance(self.model, FSDPModule):
             return
         data_parallel = mesh["data_parallel"]
-        layers: Any = self.model.deberta.encoder.layer  # type: ignore[union-attr]
+        base: Any = self.model.base_model
+        layers = base.encoder.layer
         for layer in layers:
             fully_shard(layer, mesh=data_parallel)
         fully_shard(self.model, mesh=data_parallel)
@@ -179,15 +192,34 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         scores = prob_machine(self(batch["input_ids"], batch["attention_mask"]))
         return {"index": batch["index"], "prob_machine": scores}
 
+    def _depth(self, name: str, num_layers: int) -> int:
+        """0 for the embeddings, ``i + 1`` for encoder layer ``i``, ``num_layers + 1`` for pooler and head."""
+        base = f"model.{self.model.base_model_prefix}."
+        if not name.startswith(base) or ".pooler." in name:
+            return num_layers + 1
+        match = re.search(r"\.encoder\.layer\.(\d+)\.", name)
+        return int(match.group(1)) + 1 if match else 0
+
     def configure_optimizers(self) -> Any:
-        decay: list[torch.nn.Parameter] = []
-        no_decay: list[torch.nn.Parameter] = []
+        h: Any = self.hparams
+        base: Any = self.model.base_model
+        num_layers = len(base.encoder.layer)
+        # One group per (weight decay or not, depth); with layer_decay 1 every depth is the top one.
+        groups: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (no_decay if name.endswith(NO_DECAY) or param.ndim < 2 else decay).append(param)
-        h: Any = self.hparams
+                depth = self._depth(name, num_layers) if h.layer_decay < 1.0 else num_layers + 1
+                no_decay = name.endswith(NO_DECAY) or param.ndim < 2
+                groups.setdefault((no_decay, depth), []).append(param)
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": h.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {
+                    "params": params,
+                    "weight_decay": 0.0 if no_decay else h.weight_decay,
+                    "lr": h.learning_rate * h.layer_decay ** (num_layers + 1 - depth),
+                }
+                for (no_decay, depth), params in sorted(groups.items(), key=lambda item: item[0])
+            ],
             lr=h.learning_rate,
             betas=tuple(h.betas),
             eps=h.eps,
