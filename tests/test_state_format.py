@@ -84,7 +84,7 @@ def test_saved_file_is_plain_safetensors_with_detector_metadata(tmp_path: Path) 
         metadata = f.metadata()
     assert metadata["format"] == "detector.state" and metadata["format_version"] == "1"
     kind, digest = metadata["checksum"].split(":")
-    assert kind == "crc32-tree" and len(digest) == 64
+    assert kind == "xxh3-tree" and len(digest) == 64
     assert json.loads(metadata["skeleton"])["epoch"] == 1
 
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable
+
+# A background job runs at this niceness (threads it starts inherit it), so the training threads
+# keep the cores on a busy machine and the write fills the time they leave idle.
+BACKGROUND_NICENESS = 10
 
 
 class BackgroundWriteError(RuntimeError):
@@ -49,6 +55,8 @@ class SerialJobs:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self, job: Callable[[], None]) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # Linux: niceness is per thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
         try:
             job()
         except BaseException as error:  # surfaced in the training thread by wait()

@@ -4,13 +4,11 @@ Every tensor of the state is a safetensors tensor (the biggest dtypes first, so 
 the header's ``__metadata__`` holds ``format``, ``format_version``, ``checksum`` and ``skeleton`` (the
 JSON tree of :mod:`detector.checkpoint.tree`). Any safetensors reader can open the file.
 
-Checksum: ``sha256-tree``, the SHA-256 of (the 8-byte length prefix + the header, with the checksum's
-64 hex digits written as zeros) followed by the SHA-256 digests of the data pieces (each tensor's
-bytes, cut in 16 MiB pieces). SHA-256 because OpenSSL runs it on the CPU's SHA extensions: 1.15 GB/s
-on one core of the development machine, blake2b 0.51 GB/s; a CRC32 is faster but its 32 bits are thin
-for multi-gigabyte files. The pieces are what makes it fast: they are hashed in worker threads
-(hashlib releases the GIL), in parallel with each other and with the disk I/O, on save and on load.
-The header is covered too, so a flipped byte anywhere in the file is caught. It guards against
+Checksum: ``KIND:HEX``, the SHA-256 of (the 8-byte length prefix + the header, with the checksum's
+64 hex digits written as zeros) followed by one digest per data piece (each tensor's bytes, cut in
+16 MiB pieces); ``KIND`` names the piece digest (``xxh3-tree`` by default, ``crc32-tree`` or
+``sha256-tree``: see :mod:`detector.checkpoint.pieces`), so files of every kind stay readable. The
+header is covered too, so a flipped byte anywhere in the file is caught. It guards against
 corruption, not forgery: anyone who can write the file can recompute it.
 """
 

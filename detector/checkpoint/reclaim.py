@@ -1,0 +1,80 @@
+"""Replace a checkpoint without paying for the old one on the save's critical path.
+
+Replacing ``latest`` costs more than writing a fresh name twice over: while the new file is written,
+the old one's cached pages crowd the page cache (the kernel reclaims them on the writer's path), and
+the rename that drops the old file's last name frees its blocks before it returns (0.4-0.55 s for
+2.2 GB on the development machine). :func:`set_aside` drops the old file's cached pages first (its
+data is on disk: it was fsynced when it was committed) and gives it a hidden second name before the
+rename, so the rename frees nothing; :func:`reclaim_later` deletes that name in a background thread
+once the new file is committed and durable. A crash in between leaves the hidden name, a temp name
+(:data:`detector.atomic.TEMP_MARKER`) that :func:`detector.atomic.clean_stale_temps` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+from pathlib import Path
+
+from detector.atomic import temp_path_for
+
+_queue: queue.Queue[Path] = queue.Queue()
+_lock = threading.Lock()
+_worker: threading.Thread | None = None
+
+
+def drop_cached_pages(path: Path) -> None:
+    """Ask the kernel to drop ``path``'s clean cached pages (a missing file or a refusal is fine)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def set_aside(path: Path) -> Path | None:
+    """Before ``path`` is replaced: a hidden hard link to its current file, if the rename would free it.
+
+    Returns the hidden name, for :func:`reclaim_later` after the commit, or ``None`` when there is
+    nothing to set aside (no file, another name still links it, or hard links are refused).
+    """
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_nlink != 1:
+            return None
+        hidden = temp_path_for(path)
+        os.link(path, hidden)
+    except OSError:
+        return None
+    return hidden
+
+
+def reclaim_later(hidden: Path) -> None:
+    """Delete ``hidden`` (a name :func:`set_aside` made) in the background reclaim thread."""
+    global _worker
+    with _lock:
+        if _worker is None or not _worker.is_alive():
+            _worker = threading.Thread(target=_run, name="checkpoint-reclaim", daemon=True)
+            _worker.start()
+        _queue.put(hidden)
+
+
+def wait_reclaimed() -> None:
+    """Block until every name handed to :func:`reclaim_later` so far is deleted."""
+    _queue.join()
+
+
+def _run() -> None:
+    with contextlib.suppress(OSError, AttributeError):  # freeing blocks may wait; training goes first
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    while True:
+        hidden = _queue.get()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                hidden.unlink()
+        except OSError:
+            pass  # a temp name: clean_stale_temps removes it at the next run's start
+        finally:
+            _queue.task_done()
