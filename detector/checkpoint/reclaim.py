@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from detector.atomic import temp_path_for
+from detector.checkpoint.background import BACKGROUND_NICENESS, lower_priority
 
 _queue: queue.Queue[Path] = queue.Queue()
 _lock = threading.Lock()
@@ -67,8 +68,7 @@ def wait_reclaimed() -> None:
 
 
 def _run() -> None:
-    with contextlib.suppress(OSError, AttributeError):  # freeing blocks may wait; training goes first
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    lower_priority(BACKGROUND_NICENESS)  # freeing blocks may wait; training goes first
     while True:
         hidden = _queue.get()
         try:
