@@ -156,7 +156,7 @@ def _measure(run: Callable[[], Any], prepare: Callable[[], None] | None = None) 
     return seconds, (peak - before) / 1024
 
 
-def _worker(size: str, folder: Path, baseline: bool) -> None:
+def _worker(size: str, folder: Path, baseline: bool, ops: list[str]) -> None:
     """One round: build the state, run every measurement, print one JSON line per measurement."""
     import torch
     from lightning.fabric.utilities.cloud_io import _atomic_save
@@ -217,7 +217,7 @@ def _worker(size: str, folder: Path, baseline: bool) -> None:
     if baseline:
         runs["baseline_save_replace"] = (lambda: old_format.save_state(state, old), None)
     save_state(state, ours)  # so the first "replace" replaces
-    for op in OPS:
+    for op in ops:
         if op not in runs:
             continue
         run, prepare = runs[op]
@@ -290,10 +290,12 @@ def _baseline_package(revision: str, folder: Path) -> Path:
     return folder
 
 
-def _run_repeats(size: str, repeats: int, folder: Path, baseline: Path | None) -> list[dict[str, Any]]:
+def _run_repeats(
+    size: str, repeats: int, folder: Path, baseline: Path | None, ops: str
+) -> list[dict[str, Any]]:
     rows = []
     for repeat in range(repeats):
-        command = [sys.executable, __file__, "--worker", size, "--dir", str(folder)]
+        command = [sys.executable, __file__, "--worker", size, "--dir", str(folder), "--ops", ops]
         command += ["--with-baseline"] if baseline else []
         paths = [str(ROOT), str(baseline or ""), os.environ.get("PYTHONPATH")]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
@@ -400,21 +402,24 @@ def main(argv: list[str] | None = None) -> int:
         "--dir", type=Path, default=None, help="folder for the files (default: a temp folder)"
     )
     parser.add_argument("--baseline", default=None, help="a git revision whose format to time alongside")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of: {', '.join(OPS)}")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--with-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.dir, args.with_baseline)
+        _worker(args.worker, args.dir, args.with_baseline, args.ops.split(","))
         return 0
     sizes = ["small"] if args.quick else args.sizes.split(",")
     if unknown := set(sizes) - {"small", "base"}:
         raise ValueError(f"unknown sizes {sorted(unknown)}; choose from small, base")
+    if unknown := set(args.ops.split(",")) - set(OPS):
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {OPS}")
     folder = Path(tempfile.mkdtemp(prefix="bench_checkpoint_io_", dir=args.dir))
     try:
         (folder / "src").mkdir()
         baseline = _baseline_package(args.baseline, folder / "src") if args.baseline else None
-        rows = [row for size in sizes for row in _run_repeats(size, args.repeats, folder, baseline)]
+        rows = [row for size in sizes for row in _run_repeats(size, args.repeats, folder, baseline, args.ops)]
     finally:
         shutil.rmtree(folder)
     if args.json:
