@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,23 @@ def test_a_hidden_name_left_by_a_crash_is_a_stale_temp(tmp_path: Path) -> None:
     assert hidden is not None and hidden.parent == tmp_path
     assert clean_stale_temps(tmp_path) == [hidden]
     assert _names(tmp_path) == [path.name]
+
+
+def test_a_process_that_exits_right_after_a_replacing_save_leaves_no_hidden_name(tmp_path: Path) -> None:
+    child = """
+import pathlib, sys, time
+import torch
+from detector.checkpoint.format import save_state
+unlink = pathlib.Path.unlink
+def slow_unlink(self, missing_ok=False):
+    time.sleep(0.5)  # the background delete is still running when the main thread returns
+    unlink(self, missing_ok)
+pathlib.Path.unlink = slow_unlink
+path = pathlib.Path(sys.argv[1])
+save_state({"w": torch.zeros(4)}, path)
+save_state({"w": torch.ones(4)}, path)
+"""
+    path = tmp_path / "checkpoint_latest.safetensors"
+    subprocess.run([sys.executable, "-c", child, str(path)], check=True, cwd=Path(__file__).parents[1])
+    assert _names(tmp_path) == [path.name]
+    assert torch.equal(load_state(path)["w"], torch.ones(4))

@@ -6,12 +6,15 @@ the rename that drops the old file's last name frees its blocks before it return
 2.2 GB on the development machine). :func:`set_aside` drops the old file's cached pages first (its
 data is on disk: it was fsynced when it was committed) and gives it a hidden second name before the
 rename, so the rename frees nothing; :func:`reclaim_later` deletes that name in a background thread
-once the new file is committed and durable. A crash in between leaves the hidden name, a temp name
-(:data:`detector.atomic.TEMP_MARKER`) that :func:`detector.atomic.clean_stale_temps` removes.
+once the new file is committed and durable. Until then the hidden name is visible in the folder
+(:func:`wait_reclaimed` waits for it; the process waits for it at exit). A crash in between leaves it:
+a temp name (:data:`detector.atomic.TEMP_MARKER`) that :func:`detector.atomic.clean_stale_temps`
+removes, as the checkpoint callback does at every start.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
@@ -59,6 +62,7 @@ def reclaim_later(hidden: Path) -> None:
         if _worker is None or not _worker.is_alive():
             _worker = threading.Thread(target=_run, name="checkpoint-reclaim", daemon=True)
             _worker.start()
+            atexit.register(wait_reclaimed)  # a normal exit leaves no hidden name behind
         _queue.put(hidden)
 
 
