@@ -291,7 +291,7 @@ def _baseline_package(revision: str, folder: Path) -> Path:
 
 
 def _run_repeats(
-    size: str, repeats: int, folder: Path, baseline: Path | None, ops: str
+    size: str, repeats: int, folder: Path, baseline: Path | None, ops: str, log: Path | None
 ) -> list[dict[str, Any]]:
     rows = []
     for repeat in range(repeats):
@@ -301,6 +301,9 @@ def _run_repeats(
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         rows += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        if log:  # every finished round is kept, so a long run stopped early still reports
+            with log.open("a") as stream:
+                stream.writelines(line + "\n" for line in output.splitlines() if line.startswith("{"))
         print(f"  {size}: round {repeat + 1}/{repeats} done", file=sys.stderr)
     return rows
 
@@ -403,12 +406,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--baseline", default=None, help="a git revision whose format to time alongside")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of: {', '.join(OPS)}")
-    parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument("--json", type=Path, default=None, help="append every measurement here (JSON lines)")
+    parser.add_argument("--report", type=Path, default=None, help="only print the report of a --json file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--with-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.worker, args.dir, args.with_baseline, args.ops.split(","))
+        return 0
+    if args.report:
+        rows = [json.loads(line) for line in args.report.read_text().splitlines()]
+        rounds = max(
+            sum(row.get("op") == "ours_save_replace" for row in rows if row["size"] == size)
+            for size in {row["size"] for row in rows}
+        )
+        print(_report(rows, rounds))
         return 0
     sizes = ["small"] if args.quick else args.sizes.split(",")
     if unknown := set(sizes) - {"small", "base"}:
@@ -419,11 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (folder / "src").mkdir()
         baseline = _baseline_package(args.baseline, folder / "src") if args.baseline else None
-        rows = [row for size in sizes for row in _run_repeats(size, args.repeats, folder, baseline, args.ops)]
+        rows = [
+            row
+            for size in sizes
+            for row in _run_repeats(size, args.repeats, folder, baseline, args.ops, args.json)
+        ]
     finally:
         shutil.rmtree(folder)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     print(_report(rows, args.repeats))
     return 0
 

@@ -7,9 +7,9 @@ digest several pieces at once, so a save or a load is bound by the disk or memor
 
 Three piece digests; the file's header names the one it used, so files of every kind stay readable:
 
-- ``xxh3-tree`` (the default): XXH3-64 per piece (``xxhash``). The
-  checksum guards against accidental corruption (torn or truncated writes, bit rot, a wrong file); it
-  cannot guard against forgery whatever the hash, since whoever can write the file can recompute it.
+- ``xxh3-tree`` (the default): XXH3-64 per piece (``xxhash``). The checksum guards against
+  accidental corruption (torn or truncated writes, bit rot, a wrong file); it cannot guard against
+  forgery whatever the hash, since whoever can write the file can recompute it.
   XXH3 passes SMHasher's quality tests (a corrupted piece goes unnoticed with probability about 2**-64)
   and runs at 20-25 GB/s per core on the development machine (SSE2/AVX2), against 2-3 GB/s for
   ``zlib.crc32``: on a 2.2 GB state it takes ~0.1 s of CPU instead of 0.7-1.1 s, so the digest no

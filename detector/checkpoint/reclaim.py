@@ -1,15 +1,15 @@
 """Replace a checkpoint without paying for the old one on the save's critical path.
 
-Replacing ``latest`` costs more than writing a fresh name twice over: while the new file is written,
-the old one's cached pages crowd the page cache (the kernel reclaims them on the writer's path), and
-the rename that drops the old file's last name frees its blocks before it returns (0.4-0.55 s for
-2.2 GB on the development machine). :func:`set_aside` drops the old file's cached pages first (its
-data is on disk: it was fsynced when it was committed) and gives it a hidden second name before the
-rename, so the rename frees nothing; :func:`reclaim_later` deletes that name in a background thread
-once the new file is committed and durable. Until then the hidden name is visible in the folder
-(:func:`wait_reclaimed` waits for it; the process waits for it at exit). A crash in between leaves it:
-a temp name (:data:`detector.atomic.TEMP_MARKER`) that :func:`detector.atomic.clean_stale_temps`
-removes, as the checkpoint callback does at every start.
+Replacing ``latest`` costs more than writing a fresh name: while the new file is written, the old
+one's cached pages crowd the page cache (the kernel reclaims them on the writer's path), and the
+rename that drops the old file's last name frees its blocks before it returns (0.4-0.55 s for 2.2 GB
+on the development machine). :func:`drop_cached_pages` drops the old file's cached pages first (only
+clean pages go: their data is on disk, nothing is lost) and :func:`set_aside` gives the old file a
+hidden second name before the rename, so the rename frees nothing; :func:`reclaim_later` deletes
+that name in a background thread once the new file is committed and durable. Until then the hidden
+name is visible in the folder (:func:`wait_reclaimed` waits for it; the process waits for it at
+exit). A crash in between leaves it: a temp name (:data:`detector.atomic.TEMP_MARKER`) that
+:func:`detector.atomic.clean_stale_temps` removes, as the checkpoint callback does at every start.
 """
 
 from __future__ import annotations
