@@ -392,7 +392,7 @@ def _profiles(rows: list[dict[str, Any]], size: str) -> list[str]:
             continue
         parts = sorted({key for row in profiles for key in row} - {"size", "profile"})
         cells = ", ".join(f"{p} {statistics.median(row.get(p, 0.0) for row in profiles):.2f}" for p in parts)
-        lines.append(f"where one {op} spends its time (s; summed over threads): {cells}")
+        lines.append(f"where one {op} spends its time (wall s in each call, summed over threads): {cells}")
     return lines
 
 
