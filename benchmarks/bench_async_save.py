@@ -1,9 +1,10 @@
 """How long a checkpoint save blocks the training loop, sync vs async, on the DeBERTa classifier + AdamW.
 
 Trains the classifier on random tokens with ``SafetensorsTopKCheckpoint(every_n_train_steps=k)``, once
-with ``async_save=False`` and once with ``True``, timing every save call the training loop makes (for
-async: waiting for the previous write, the state dump and the CPU snapshot). Also times, on the final
-state, one ``save_state`` (the sync write) and one ``snapshot_state`` (what async blocks on).
+with ``async_save=False`` and once with ``True``, and once with Lightning's ``ModelCheckpoint`` (torch.save
+files, same cadence), timing every save call the training loop makes (for async: waiting for the previous
+write, the state dump and the CPU snapshot into the reused staging buffers) and the whole fit. Also times,
+on the final state, one ``save_state`` (the sync write) and one ``snapshot_state`` (a first snapshot).
 
     PYTHONPATH=. python benchmarks/bench_async_save.py                  # small: build_classifier(None, 8000)
     PYTHONPATH=. python benchmarks/bench_async_save.py --size base --steps 6 --save-every 2
@@ -20,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
@@ -52,26 +54,54 @@ class Classifier(pl.LightningModule):
 
 
 class TimedCheckpoint(SafetensorsTopKCheckpoint):
-    """Records how long each save call holds the training loop."""
+    """Records how long each save call holds the training loop, and how long of it waits for a write."""
 
     blocked: list[float]
+    waited: list[float]
 
     def _write(self, *args: Any, **kwargs: Any) -> None:
+        wait = self._jobs.wait
+
+        def timed_wait() -> None:
+            start = time.perf_counter()
+            wait()
+            self.waited.append(time.perf_counter() - start)
+
+        self._jobs.wait = timed_wait  # type: ignore[method-assign]
         start = time.perf_counter()
-        super()._write(*args, **kwargs)
+        try:
+            super()._write(*args, **kwargs)
+        finally:
+            self._jobs.wait = wait  # type: ignore[method-assign]
         self.blocked.append(time.perf_counter() - start)
 
 
-def run(size: str, async_save: bool, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+class TimedModelCheckpoint(ModelCheckpoint):
+    """Lightning's own checkpoint callback, recording how long each save holds the training loop."""
+
+    blocked: list[float]
+    waited: list[float]
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        start = time.perf_counter()
+        super()._save_checkpoint(trainer, filepath)
+        self.blocked.append(time.perf_counter() - start)
+
+
+def run(size: str, mode: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     vocab = SIZES[size][0]
     ids = torch.randint(5, vocab, (args.steps * args.batch_size, args.seq_len))
     labels = torch.randint(0, 2, (args.steps * args.batch_size,))
     loader = DataLoader(TensorDataset(ids, labels), batch_size=args.batch_size)
-    callback = TimedCheckpoint(
-        str(folder), every_n_epochs=0, every_n_train_steps=args.save_every, async_save=async_save
-    )
-    callback.blocked = []
+    callback: TimedCheckpoint | TimedModelCheckpoint
+    if mode == "lightning":
+        callback = TimedModelCheckpoint(str(folder), every_n_train_steps=args.save_every, save_top_k=1)
+    else:
+        callback = TimedCheckpoint(
+            str(folder), every_n_epochs=0, every_n_train_steps=args.save_every, async_save=mode == "async"
+        )
+    callback.blocked, callback.waited = [], []
     module = Classifier(size)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -80,13 +110,13 @@ def run(size: str, async_save: bool, args: argparse.Namespace, folder: Path) -> 
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        plugins=[SafetensorsCheckpointIO()],
+        plugins=[] if mode == "lightning" else [SafetensorsCheckpointIO()],
         callbacks=[callback],
     )
     start = time.perf_counter()
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - start
-    return {"blocked": callback.blocked, "fit_s": fit_s, "trainer": trainer}
+    return {"blocked": callback.blocked, "waited": callback.waited, "fit_s": fit_s, "trainer": trainer}
 
 
 def standalone(trainer: pl.Trainer, folder: Path) -> tuple[float, float, int]:
@@ -116,8 +146,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        modes = ("sync", "async")
-        results = {mode: run(args.size, mode == "async", args, Path(tmp) / mode) for mode in modes}
+        modes = ("sync", "async", "lightning")
+        results = {mode: run(args.size, mode, args, Path(tmp) / mode) for mode in modes}
         save_s, snapshot_s, size = standalone(results["async"]["trainer"], Path(tmp))
     print(f"size={args.size} state={size / 2**20:.1f} MiB steps={args.steps} save_every={args.save_every}")
     print(f"standalone: save_state {save_s:.3f} s, snapshot_state {snapshot_s:.3f} s")
@@ -125,8 +155,16 @@ def main() -> None:
         blocked = result["blocked"]
         print(
             f"{mode:5s}: saves={len(blocked)} blocked median={statistics.median(blocked):.3f} s"
-            f" max={max(blocked):.3f} s total={sum(blocked):.2f} s; fit wall {result['fit_s']:.2f} s"
+            f" max={max(blocked):.3f} s total={sum(blocked):.2f} s"
+            f" (waiting for the previous write {sum(result['waited']):.2f} s); fit {result['fit_s']:.2f} s"
         )
+    sync, background = results["sync"], results["async"]
+    blocked_ratio = statistics.median(background["blocked"]) / statistics.median(sync["blocked"])
+    print(f"async/sync: loop blocked per save {blocked_ratio:.2f}x (target <= 0.15)", end="; ")
+    print(f"fit wall {background['fit_s'] / sync['fit_s']:.2f}x (target <= 1.00)")
+    lightning = statistics.median(results["lightning"]["blocked"])
+    ratio = statistics.median(sync["blocked"]) / lightning
+    print(f"sync/Lightning ModelCheckpoint: loop blocked per save {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -41,21 +41,34 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = [
+SAVES = [
     "dd",
-    "ours_save",
-    "ours_save_sha256",
+    "ours_save_fresh",
+    "ours_save_replace",
     "torch_save",
+    "safetensors_save",
+    "lightning_save",
+    "baseline_save_replace",
+]
+LOADS = [
+    "page_cache_read",
     "ours_load_warm",
-    "ours_load_sha256_warm",
     "torch_load_warm",
+    "safetensors_load_warm",
+    "baseline_load_warm",
     "ours_load_cold",
     "torch_load_cold",
-    "ours_load_mmap_warm",
-    "ours_load_mmap_cold",
+    "safetensors_load_cold",
+    "baseline_load_cold",
+    "ours_mmap_warm",
+    "torch_mmap_warm",
+    "ours_mmap_cold",
+    "torch_mmap_cold",
     "ours_verify_warm",
-    "snapshot",
+    "snapshot_fresh",
+    "snapshot_staged",
 ]
+OPS = SAVES + LOADS
 
 
 def build_state(size: str) -> dict[str, Any]:
@@ -143,61 +156,155 @@ def _measure(run: Callable[[], Any], prepare: Callable[[], None] | None = None) 
     return seconds, (peak - before) / 1024
 
 
-def _worker(size: str, folder: Path) -> None:
-    """One repeat: build the state, run every measurement, print one JSON line per measurement."""
+def _worker(size: str, folder: Path, baseline: bool, ops: list[str]) -> None:
+    """One round: build the state, run every measurement, print one JSON line per measurement."""
     import torch
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+    from safetensors.torch import load_file, save_file
 
     from detector.atomic import fsync_file
-    from detector.checkpoint.format import load_state, save_state, snapshot_state, verify_state
+    from detector.checkpoint.format import flatten_state, load_state, save_state, snapshot_state, verify_state
+    from detector.checkpoint.reclaim import wait_reclaimed
+    from detector.checkpoint.staging import StagingBuffers
 
     state = build_state(size)
     nbytes = _tensor_bytes(state)
-    ours, theirs, disk = folder / "ours.safetensors", folder / "torch.ckpt", folder / "dd.bin"
-    ours_sha = folder / "ours_sha256.safetensors"
+    ours, fresh, theirs = folder / "ours.safetensors", folder / "fresh.safetensors", folder / "torch.ckpt"
+    flat, disk, light = folder / "flat.safetensors", folder / "dd.bin", folder / "lightning.ckpt"
+    old = folder / "baseline.safetensors"
     count = math.ceil(nbytes / (16 << 20))
     dd = ["dd", "if=/dev/zero", f"of={disk}", "bs=16M", f"count={count}", "conv=fsync", "status=none"]
+    read = ["dd", f"if={ours}", "of=/dev/null", "bs=16M", "status=none"]
+    tensors = {k: v for k, v in flatten_state(state)[0].items() if isinstance(v, torch.Tensor)}
+    staging = StagingBuffers()
+    staging.snapshot(state)  # the first snapshot allocates; a training run's later ones reuse
+    old_format: Any = None
+    if baseline:
+        import detector_baseline.checkpoint.format as old_format  # type: ignore[import-not-found,no-redef]
 
-    def torch_save() -> None:
-        torch.save(state, theirs)
-        fsync_file(theirs)  # ours fsyncs; compare like with like
+    def with_fsync(save: Callable[[Path], None], path: Path) -> Callable[[], None]:
+        return lambda: (save(path), fsync_file(path))  # ours fsyncs; compare like with like
 
-    def load_touched(loader: Callable[[], Any]) -> Callable[[], Any]:
-        return lambda: _touch(loader())
+    def unlink(*paths: Path) -> Callable[[], None]:
+        return lambda: [path.unlink(missing_ok=True) for path in paths] and wait_reclaimed()
 
-    ours_load = load_touched(lambda: load_state(ours))
-    ours_mmap = load_touched(lambda: load_state(ours, mmap=True))
-    torch_load = load_touched(lambda: torch.load(theirs, map_location="cpu", weights_only=True))
-    runs: dict[str, tuple[Callable[[], Any], Callable[[], None] | None]] = {
-        "dd": (lambda: subprocess.run(dd, check=True), None),
-        "ours_save": (lambda: save_state(state, ours), None),
-        "ours_save_sha256": (lambda: save_state(state, ours_sha, checksum="sha256-tree"), None),
-        "torch_save": (torch_save, None),
-        "ours_load_warm": (ours_load, None),
-        "torch_load_warm": (torch_load, None),
-        "ours_load_sha256_warm": (load_touched(lambda: load_state(ours_sha)), None),
-        "ours_load_cold": (ours_load, lambda: _drop_cache(ours)),
-        "torch_load_cold": (torch_load, lambda: _drop_cache(theirs)),
-        "ours_load_mmap_warm": (ours_mmap, None),
-        "ours_load_mmap_cold": (ours_mmap, lambda: _drop_cache(ours)),
+    def touched(loader: Callable[[], Any], path: Path, cold: bool) -> tuple[Callable[[], Any], Any]:
+        return (lambda: _touch(loader())), ((lambda: _drop_cache(path)) if cold else None)
+
+    runs: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {
+        "dd": (lambda: subprocess.run(dd, check=True), unlink(disk)),
+        "ours_save_fresh": (lambda: save_state(state, fresh), unlink(fresh)),
+        "ours_save_replace": (lambda: save_state(state, ours), wait_reclaimed),
+        "torch_save": (with_fsync(lambda p: torch.save(state, p), theirs), None),
+        "safetensors_save": (with_fsync(lambda p: save_file(tensors, p), flat), None),
+        "lightning_save": (with_fsync(lambda p: _atomic_save(state, p), light), None),
+        "page_cache_read": (lambda: subprocess.run(read, check=True), None),
         "ours_verify_warm": (lambda: verify_state(ours), None),
-        "snapshot": (lambda: snapshot_state(state), None),
+        "snapshot_fresh": (lambda: snapshot_state(state), None),
+        "snapshot_staged": (lambda: staging.snapshot(state), None),
     }
-    for op in OPS:
+    for cold in (False, True):
+        when = "cold" if cold else "warm"
+        runs[f"ours_load_{when}"] = touched(lambda: load_state(ours), ours, cold)
+        runs[f"torch_load_{when}"] = touched(lambda: torch.load(theirs, weights_only=True), theirs, cold)
+        runs[f"safetensors_load_{when}"] = touched(lambda: load_file(flat), flat, cold)
+        runs[f"ours_mmap_{when}"] = touched(lambda: load_state(ours, mmap=True), ours, cold)
+        runs[f"torch_mmap_{when}"] = touched(
+            lambda: torch.load(theirs, weights_only=True, mmap=True), theirs, cold
+        )
+        if baseline:
+            runs[f"baseline_load_{when}"] = touched(lambda: old_format.load_state(old), old, cold)
+    if baseline:
+        runs["baseline_save_replace"] = (lambda: old_format.save_state(state, old), None)
+    save_state(state, ours)  # so the first "replace" replaces
+    for op in ops:
+        if op not in runs:
+            continue
         run, prepare = runs[op]
         seconds, peak_mib = _measure(run, prepare)
         print(json.dumps({"size": size, "op": op, "seconds": seconds, "peak_mib": peak_mib, "bytes": nbytes}))
         sys.stdout.flush()
+    _profile(state, ours, size)
 
 
-def _run_repeats(size: str, repeats: int, folder: Path) -> list[dict[str, Any]]:
+def _profile(state: Any, path: Path, size: str) -> None:
+    """Thread seconds spent in each part of one replacing save and one default load (summed over threads)."""
+    import detector.atomic as atomic
+    import detector.checkpoint.format as fmt
+    import detector.checkpoint.pieces as pieces
+    from detector.checkpoint.reclaim import wait_reclaimed
+
+    spent: dict[str, list[float]] = {}
+
+    def timed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent.setdefault(name, []).append(time.perf_counter() - start)
+
+        return wrapper
+
+    saved = (fmt.write_at, fmt.read_at, dict(pieces.PIECE_DIGESTS), atomic.fsync_file, os.replace)
+    fmt.write_at, fmt.read_at = timed("write", fmt.write_at), timed("read", fmt.read_at)
+    for kind, digest in saved[2].items():
+        pieces.PIECE_DIGESTS[kind] = timed("digest", digest)
+    atomic.fsync_file, atomic.os.replace = timed("fsync", atomic.fsync_file), timed("rename", os.replace)
+    try:
+        for op, run in (
+            ("save", lambda: fmt.save_state(state, path)),
+            ("load", lambda: fmt.load_state(path)),
+        ):
+            spent.clear()
+            wait_reclaimed()
+            start = time.perf_counter()
+            run()
+            wall = time.perf_counter() - start
+            parts = {name: sum(times) for name, times in spent.items()}
+            print(json.dumps({"size": size, "profile": op, "wall": wall, **parts}))
+    finally:
+        fmt.write_at, fmt.read_at, atomic.fsync_file, atomic.os.replace = (
+            saved[0],
+            saved[1],
+            saved[3],
+            saved[4],
+        )
+        pieces.PIECE_DIGESTS.update(saved[2])
+
+
+def _baseline_package(revision: str, folder: Path) -> Path:
+    """``detector/`` at ``revision`` copied into ``folder`` as the package ``detector_baseline``."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision, "detector"], check=True, capture_output=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    package = folder / "detector_baseline"
+    (folder / "detector").rename(package)
+    for source in package.rglob("*.py"):
+        text = source.read_text()
+        text = text.replace("from detector.", "from detector_baseline.").replace(
+            "import detector.", "import detector_baseline."
+        )
+        source.write_text(text.replace("from detector import", "from detector_baseline import"))
+    return folder
+
+
+def _run_repeats(
+    size: str, repeats: int, folder: Path, baseline: Path | None, ops: str, log: Path | None
+) -> list[dict[str, Any]]:
     rows = []
     for repeat in range(repeats):
-        command = [sys.executable, __file__, "--worker", size, "--dir", str(folder)]
-        python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
+        command = [sys.executable, __file__, "--worker", size, "--dir", str(folder), "--ops", ops]
+        command += ["--with-baseline"] if baseline else []
+        paths = [str(ROOT), str(baseline or ""), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         rows += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-        print(f"  {size}: repeat {repeat + 1}/{repeats} done", file=sys.stderr)
+        if log:  # every finished round is kept, so a long run stopped early still reports
+            with log.open("a") as stream:
+                stream.writelines(line + "\n" for line in output.splitlines() if line.startswith("{"))
+        print(f"  {size}: round {repeat + 1}/{repeats} done", file=sys.stderr)
     return rows
 
 
@@ -205,75 +312,132 @@ def _summaries(rows: list[dict[str, Any]], size: str) -> dict[str, dict[str, flo
     """Per operation: median, min and max seconds, and median peak RSS increase."""
     summary = {}
     for op in OPS:
-        seconds = [row["seconds"] for row in rows if row["size"] == size and row["op"] == op]
-        peaks = [row["peak_mib"] for row in rows if row["size"] == size and row["op"] == op]
-        summary[op] = {
-            "seconds": statistics.median(seconds),
-            "min": min(seconds),
-            "max": max(seconds),
-            "peak_mib": statistics.median(peaks),
-        }
+        seconds = [row["seconds"] for row in rows if row["size"] == size and row.get("op") == op]
+        peaks = [row["peak_mib"] for row in rows if row["size"] == size and row.get("op") == op]
+        if seconds:
+            summary[op] = {
+                "seconds": statistics.median(seconds),
+                "min": min(seconds),
+                "max": max(seconds),
+                "peak_mib": statistics.median(peaks),
+            }
     return summary
 
 
 def _report(rows: list[dict[str, Any]], repeats: int) -> str:
     lines = [
-        f"medians of {repeats} repeats; peak RSS = increase during the operation (mapped file pages count)"
+        f"medians of {repeats} rounds; peak RSS = increase during the operation (mapped file pages count)"
     ]
     for size in dict.fromkeys(row["size"] for row in rows):
-        nbytes = next(row["bytes"] for row in rows if row["size"] == size)
+        nbytes = next(row["bytes"] for row in rows if row["size"] == size and "bytes" in row)
         summary = _summaries(rows, size)
         lines.append(f"\n{size}: {nbytes / 1e9:.3f} GB of tensors")
         lines.append(
-            f"{'operation':<22}{'seconds':>9}{'min-max':>14}{'GB/s':>7}{'peak RSS MiB':>14}{'x data':>8}"
+            f"{'operation':<24}{'seconds':>9}{'min-max':>14}{'GB/s':>7}{'peak RSS MiB':>14}{'x data':>8}"
         )
         for op, row in summary.items():
             spread = f"{row['min']:.2f}-{row['max']:.2f}"
             ratio = row["peak_mib"] * (1 << 20) / nbytes
             rate = nbytes / row["seconds"] / 1e9
             lines.append(
-                f"{op:<22}{row['seconds']:>9.3f}{spread:>14}{rate:>7.2f}{row['peak_mib']:>14.1f}{ratio:>8.2f}"
+                f"{op:<24}{row['seconds']:>9.3f}{spread:>14}{rate:>7.2f}{row['peak_mib']:>14.1f}{ratio:>8.2f}"
             )
-        lines += _ratios({op: row["seconds"] for op, row in summary.items()})
+        lines += _ratios({op: row["seconds"] for op, row in summary.items()}, summary, nbytes)
+        lines += _profiles(rows, size)
     return "\n".join(lines)
 
 
-def _ratios(s: dict[str, float]) -> list[str]:
-    return [
-        f"save: (torch.save+fsync) / ours = {s['torch_save'] / s['ours_save']:.2f}x (>1: ours faster)",
-        f"save: ours / dd = {s['ours_save'] / s['dd']:.2f}x (1: at disk speed)",
-        f"load warm: torch.load / ours = {s['torch_load_warm'] / s['ours_load_warm']:.2f}x (>1: faster)",
-        f"load cold: torch.load / ours = {s['torch_load_cold'] / s['ours_load_cold']:.2f}x",
-        f"load mmap: torch.load / ours = {s['torch_load_warm'] / s['ours_load_mmap_warm']:.2f}x warm, "
-        f"{s['torch_load_cold'] / s['ours_load_mmap_cold']:.2f}x cold",
-        f"loop blocked by a save: sync {s['ours_save']:.3f} s, async (snapshot) {s['snapshot']:.3f} s",
+def _ratios(s: dict[str, float], summary: dict[str, dict[str, float]], nbytes: int) -> list[str]:
+    """The issue's table: ours against each peer, as a ratio of medians (< 1: ours takes less time)."""
+    pairs = [
+        ("save, replacing latest", "ours_save_replace", "torch_save", "torch.save + fsync", 1.0),
+        ("save, replacing latest", "ours_save_replace", "dd", "dd + fsync", 1.3),
+        ("save, replacing latest", "ours_save_replace", "ours_save_fresh", "ours, fresh name", 1.0),
+        ("save, replacing latest", "ours_save_replace", "safetensors_save", "save_file + fsync", None),
+        ("save, replacing latest", "ours_save_replace", "lightning_save", "Lightning _atomic_save", None),
+        ("save, replacing latest", "ours_save_replace", "baseline_save_replace", "baseline (before)", None),
+        ("load warm, default", "ours_load_warm", "torch_load_warm", "torch.load", 1.0),
+        ("load warm, default", "ours_load_warm", "safetensors_load_warm", "load_file (no checksum)", None),
+        ("load warm, default", "ours_load_warm", "baseline_load_warm", "baseline (before)", None),
+        ("load cold, default", "ours_load_cold", "torch_load_cold", "torch.load", 1.0),
+        ("load cold, default", "ours_load_cold", "safetensors_load_cold", "load_file (no checksum)", None),
+        ("load cold, default", "ours_load_cold", "baseline_load_cold", "baseline (before)", None),
+        ("load warm, mmap=True", "ours_mmap_warm", "torch_mmap_warm", "torch.load(mmap=True)", 1.5),
+        ("load cold, mmap=True", "ours_mmap_cold", "torch_mmap_cold", "torch.load(mmap=True)", None),
+        ("async save: loop blocked", "snapshot_staged", "ours_save_replace", "a sync save", 0.15),
+        ("async, first save", "snapshot_fresh", "ours_save_replace", "a sync save", None),
     ]
+    lines = ["", f"{'operation':<26}{'ours s':>8}  {'peer':<26}{'peer s':>8}{'ours/peer':>10}  target"]
+    for label, ours, peer, peer_label, target in pairs:
+        if ours not in s or peer not in s:
+            continue
+        ratio = s[ours] / s[peer]
+        verdict = "" if target is None else f"<= {target}: {'holds' if ratio <= target else 'MISSED'}"
+        lines.append(f"{label:<26}{s[ours]:>8.3f}  {peer_label:<26}{s[peer]:>8.3f}{ratio:>10.2f}  {verdict}")
+    for op in ("ours_save_replace", "lightning_save", "torch_save"):
+        if op in summary:
+            share = summary[op]["peak_mib"] * (1 << 20) / nbytes
+            lines.append(
+                f"extra RAM during {op}: {summary[op]['peak_mib']:.1f} MiB = {share:.2%} of the state"
+            )
+    return lines
+
+
+def _profiles(rows: list[dict[str, Any]], size: str) -> list[str]:
+    """Median thread seconds per part of one save and one load."""
+    lines = []
+    for op in ("save", "load"):
+        profiles = [row for row in rows if row["size"] == size and row.get("profile") == op]
+        if not profiles:
+            continue
+        parts = sorted({key for row in profiles for key in row} - {"size", "profile"})
+        cells = ", ".join(f"{p} {statistics.median(row.get(p, 0.0) for row in profiles):.2f}" for p in parts)
+        lines.append(f"where one {op} spends its time (wall s in each call, summed over threads): {cells}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="small,base", help="comma-separated: small, base")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (fresh processes), medians over them")
     parser.add_argument("--quick", action="store_true", help="small state only")
     parser.add_argument(
         "--dir", type=Path, default=None, help="folder for the files (default: a temp folder)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument("--baseline", default=None, help="a git revision whose format to time alongside")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of: {', '.join(OPS)}")
+    parser.add_argument("--json", type=Path, default=None, help="append every measurement here (JSON lines)")
+    parser.add_argument("--report", type=Path, default=None, help="only print the report of a --json file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--with-baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker, args.dir)
+        _worker(args.worker, args.dir, args.with_baseline, args.ops.split(","))
+        return 0
+    if args.report:
+        rows = [json.loads(line) for line in args.report.read_text().splitlines()]
+        rounds = max(
+            sum(row.get("op") == "ours_save_replace" for row in rows if row["size"] == size)
+            for size in {row["size"] for row in rows}
+        )
+        print(_report(rows, rounds))
         return 0
     sizes = ["small"] if args.quick else args.sizes.split(",")
     if unknown := set(sizes) - {"small", "base"}:
         raise ValueError(f"unknown sizes {sorted(unknown)}; choose from small, base")
+    if unknown := set(args.ops.split(",")) - set(OPS):
+        raise ValueError(f"unknown ops {sorted(unknown)}; choose from {OPS}")
     folder = Path(tempfile.mkdtemp(prefix="bench_checkpoint_io_", dir=args.dir))
     try:
-        rows = [row for size in sizes for row in _run_repeats(size, args.repeats, folder)]
+        (folder / "src").mkdir()
+        baseline = _baseline_package(args.baseline, folder / "src") if args.baseline else None
+        rows = [
+            row
+            for size in sizes
+            for row in _run_repeats(size, args.repeats, folder, baseline, args.ops, args.json)
+        ]
     finally:
         shutil.rmtree(folder)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
     print(_report(rows, args.repeats))
     return 0
 

@@ -17,11 +17,13 @@ from typing_extensions import override
 from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
 from detector.checkpoint.background import BackgroundWriteError, SerialJobs
 from detector.checkpoint.compat import dump_checkpoint
-from detector.checkpoint.format import save_state, snapshot_state
+from detector.checkpoint.format import save_state
 from detector.checkpoint.interrupt import GracefulSigint
 from detector.checkpoint.monitor import monitored_metrics
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
+from detector.checkpoint.reclaim import wait_reclaimed
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
+from detector.checkpoint.staging import StagingBuffers
 from detector.checkpoint.topk import (
     LATEST_NAME,
     CheckpointTracker,
@@ -56,7 +58,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     on SIGTERM or a first Ctrl-C (latest, after the current batch; a second Ctrl-C stops at once,
     unsaved). Everything due at one global step goes into one file. Every rank takes the same
     decisions (the logged metrics are broadcast from rank zero); global rank zero does the file I/O.
-    ``async_save`` writes in a background thread after a CPU snapshot, one write in flight; links
+    ``async_save`` writes in a background thread (at a lower CPU priority) after a CPU snapshot into
+    buffers reused from save to save (one state's worth of memory while training), one write in flight; links
     and deletions follow the commit; a failed write raises at the next save or at the end of fit.
 
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
@@ -109,6 +112,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
         self.async_save, self.save_on_interrupt = async_save, save_on_interrupt
         self._jobs = SerialJobs(background=async_save)
+        self._staging = StagingBuffers()
         self._saved_step: int | None = None  # global step of the newest written file
         self._names_at_step: list[str] = []  # the names that file has
         self._due: list[str] = []  # names registered at this step, not written yet
@@ -261,6 +265,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._sigint.uninstall()
         self._jobs.wait()
+        self._staging.release()
+        wait_reclaimed()  # replaced files' hidden names are gone when fit returns
 
     @override
     def on_save_checkpoint(
@@ -334,7 +340,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
-        snapshot = snapshot_state(checkpoint)
+        snapshot = self._staging.snapshot(checkpoint)  # the previous write is done: its buffers are free
         del checkpoint
 
         def job() -> None:

@@ -1,10 +1,11 @@
 """Tests for the one-at-a-time background job runner."""
 
+import os
 import threading
 
 import pytest
 
-from detector.checkpoint.background import BackgroundWriteError, SerialJobs
+from detector.checkpoint.background import BACKGROUND_NICENESS, BackgroundWriteError, SerialJobs
 
 
 def test_inline_mode_runs_the_job_before_returning() -> None:
@@ -41,3 +42,11 @@ def test_a_failed_background_job_surfaces_once_at_the_next_call() -> None:
         jobs.submit(lambda: None, label="next")
     assert isinstance(error.value.__cause__, OSError)
     jobs.wait()  # reported once
+
+
+def test_a_background_job_runs_at_a_lower_cpu_priority_than_the_caller() -> None:
+    jobs, seen = SerialJobs(background=True), []
+    jobs.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), label="a")
+    jobs.wait()
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, caller + BACKGROUND_NICENESS)]

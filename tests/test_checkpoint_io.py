@@ -236,3 +236,23 @@ def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     io.save_checkpoint({}, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="takes a device as map_location"):
         io.load_checkpoint(tmp_path / "a.safetensors", map_location={"cuda:1": "cuda:0"})
+
+
+def _mapped(path: Path) -> bool:
+    return str(path.resolve()) in Path("/proc/self/maps").read_text()
+
+
+def test_a_resume_load_keeps_nothing_mapped_so_a_rotated_file_is_freed(tmp_path: Path) -> None:
+    # Resume (fit(ckpt_path=...)) reads through the plugin: every tensor in its own memory, the file
+    # closed. A mapped load would leave AdamW's moments as views of the file for the rest of training
+    # (Optimizer.load_state_dict keeps CPU tensors of the right dtype as they are), pinning the blocks
+    # of a `latest` that rotation has since replaced.
+    path = tmp_path / "checkpoint_latest.safetensors"
+    save_state(
+        {"state_dict": {"w": torch.ones(1 << 16)}, "optimizer_states": [{"m": torch.ones(1 << 16)}]}, path
+    )
+    checkpoint = SafetensorsCheckpointIO().load_checkpoint(path)
+    assert torch.equal(checkpoint["optimizer_states"][0]["m"], torch.ones(1 << 16)) and not _mapped(path)
+    mapped = load_state(path, mmap=True)
+    assert _mapped(path)  # what the mapped load would have kept
+    del mapped

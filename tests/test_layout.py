@@ -11,7 +11,7 @@ import pytest
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "detector" / "checkpoint"
 # NumPy arrays are part of a state (its RNG); typing_extensions comes with Lightning.
-ALLOWED_THIRD_PARTY = {"torch", "numpy", "lightning", "safetensors", "typing_extensions"}
+ALLOWED_THIRD_PARTY = {"torch", "numpy", "lightning", "safetensors", "typing_extensions", "xxhash"}
 ALLOWED_OWN = {"detector.atomic", "detector.checkpoint"}
 
 

@@ -24,6 +24,7 @@ from detector.atomic import temp_path_for
 from detector.checkpoint.background import BackgroundWriteError
 from detector.checkpoint.format import load_state
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
+from tests.state_helpers import assert_identical
 
 NAN = math.nan
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +234,9 @@ def test_async_save_writes_the_same_files_and_links(tmp_path: Path) -> None:
     assert groups(tmp_path / "async") == groups(tmp_path / "sync")
     state = load_state(tmp_path / "async" / LATEST)
     assert state["global_step"] == 16
+    # The snapshots share reused staging buffers, yet every file holds exactly the state the sync run wrote.
+    for name in inodes(tmp_path / "sync"):
+        assert_identical(load_state(tmp_path / "async" / name), load_state(tmp_path / "sync" / name))
 
 
 def test_failed_background_write_surfaces_and_latest_stays_loadable(

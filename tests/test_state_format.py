@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import multiprocessing
@@ -19,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from detector.__main__ import main as detector_main
 from detector.atomic import clean_stale_temps
 from detector.checkpoint import format as state_format
 from detector.checkpoint import layout as state_layout
@@ -84,7 +86,7 @@ def test_saved_file_is_plain_safetensors_with_detector_metadata(tmp_path: Path) 
         metadata = f.metadata()
     assert metadata["format"] == "detector.state" and metadata["format_version"] == "1"
     kind, digest = metadata["checksum"].split(":")
-    assert kind == "crc32-tree" and len(digest) == 64
+    assert kind == "xxh3-tree" and len(digest) == 64
     assert json.loads(metadata["skeleton"])["epoch"] == 1
 
 
@@ -277,7 +279,14 @@ def test_truncated_file_fails_with_a_clear_error(tmp_path: Path, keep: int) -> N
 
 
 @pytest.mark.parametrize(
-    ("kind", "mmap"), [("crc32-tree", False), ("sha256-tree", False), ("crc32-tree", True)]
+    ("kind", "mmap"),
+    [
+        ("xxh3-tree", False),
+        ("xxh3-tree", True),
+        ("crc32-tree", False),
+        ("sha256-tree", False),
+        ("crc32-tree", True),
+    ],
 )
 def test_every_single_byte_flip_is_detected(tmp_path: Path, kind: str, mmap: bool) -> None:
     path = tmp_path / "s.safetensors"
@@ -440,3 +449,57 @@ def test_latest_stays_loadable_when_the_writer_is_killed_at_any_moment(tmp_path:
         killed_mid_write += len(clean_stale_temps(tmp_path))
         assert _files(tmp_path) == ["checkpoint_latest.safetensors"]
     assert killed_mid_write > 0  # some kills did land inside a write
+
+
+# A checkpoint written by the build before xxh3-tree (commit 31ac460, crc32-tree was the default).
+_OLD_CRC32_FILE = (
+    "4AEAAAAAAAB7Il9fbWV0YWRhdGFfXyI6eyJmb3JtYXQiOiJkZXRlY3Rvci5zdGF0ZSIsImZvcm1hdF92ZXJzaW9uIjoiMSIsImNo"
+    "ZWNrc3VtIjoiY3JjMzItdHJlZTpiODhlM2JkY2I2NDY5ZjYxZjY3ZjgwY2IxN2VjZDdjY2VhMzg5OGQzYjdkMWI3Y2IxM2QzYzQ3"
+    "NTkxN2EwY2QzIiwic2tlbGV0b24iOiJ7XCJzdGF0ZV9kaWN0XCI6e1wid1wiOntcIl9fdF9fXCI6XCJ0ZW5zb3JcIixcIm5hbWVc"
+    "IjpcInN0YXRlX2RpY3Qud1wifSxcImJcIjp7XCJfX3RfX1wiOlwidGVuc29yXCIsXCJuYW1lXCI6XCJzdGF0ZV9kaWN0LmJcIn19"
+    "LFwiZ2xvYmFsX3N0ZXBcIjo3LFwibmFtZVwiOlwid3JpdHRlbiBieSAzMWFjNDYwXCJ9In0sInN0YXRlX2RpY3QuYiI6eyJkdHlw"
+    "ZSI6Ikk2NCIsInNoYXBlIjpbMl0sImRhdGFfb2Zmc2V0cyI6WzAsMTZdfSwic3RhdGVfZGljdC53Ijp7ImR0eXBlIjoiRjMyIiwi"
+    "c2hhcGUiOlsyLDNdLCJkYXRhX29mZnNldHMiOlsxNiw0MF19fSABAAAAAAAAAP7/////////AAAAAAAAgD8AAABAAABAQAAAgEAA"
+    "AKBA"
+)
+
+
+def test_a_crc32_tree_file_of_the_previous_build_loads_and_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(base64.b64decode("".join(_OLD_CRC32_FILE)))
+    assert read_header(path)["checksum"].startswith("crc32-tree:")
+    expected = {
+        "state_dict": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, -2])},
+        "global_step": 7,
+        "name": "written by 31ac460",
+    }
+    assert_identical(load_state(path), expected)
+    assert_identical(load_state(path, mmap=True), expected)
+    verify_state(path)
+    corrupt = bytearray(path.read_bytes())
+    corrupt[-1] ^= 0x01
+    path.write_bytes(corrupt)
+    with pytest.raises(CheckpointFormatError, match="checksum mismatch"):
+        load_state(path)
+
+
+def test_checkpoints_verify_checks_files_of_every_checksum_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    for kind in ("xxh3-tree", "crc32-tree", "sha256-tree"):
+        paths.append(tmp_path / f"{kind}.safetensors")
+        save_state(_small_state(), paths[-1], checksum=kind)
+        assert read_header(paths[-1])["checksum"].startswith(f"{kind}:")
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(base64.b64decode("".join(_OLD_CRC32_FILE)))
+    assert detector_main(["checkpoints", "verify", *map(str, [*paths, old])]) is None
+    assert capsys.readouterr().out.splitlines() == [f"OK     {path}" for path in [*paths, old]]
+    data = bytearray(paths[0].read_bytes())
+    data[-1] ^= 0x01
+    paths[0].write_bytes(data)
+    with pytest.raises(SystemExit) as exit_info:
+        detector_main(["checkpoints", "verify", str(paths[0]), str(paths[1])])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"FAILED {paths[0]}: checksum mismatch") and out[1] == f"OK     {paths[1]}"

@@ -2,9 +2,11 @@
 
 Saving streams the state tensor by tensor into a temp file beside the target (no second copy of the
 state in memory; the checksum field is reserved at a fixed width in the header and patched once the
-data is written), then commits it atomically (:mod:`detector.atomic`). Loading reads each tensor once
-into its own memory while digesting it and compares the checksum before anything is returned. The file
-layout is described in :mod:`detector.checkpoint.layout`, the checksum in :mod:`detector.checkpoint.pieces`.
+data is written), then commits it atomically (:mod:`detector.atomic`); a replaced file's blocks are
+freed after the commit, off the save's critical path (:mod:`detector.checkpoint.reclaim`). Loading
+reads each tensor once into its own memory while digesting it and compares the checksum before
+anything is returned. The file layout is described in :mod:`detector.checkpoint.layout`, the checksum
+in :mod:`detector.checkpoint.pieces`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from detector.checkpoint.pieces import (
     read_at,
     write_at,
 )
+from detector.checkpoint.reclaim import drop_cached_pages, reclaim_later, set_aside
 from detector.checkpoint.tree import CheckpointFormatError, flatten_state, unflatten_state
 
 __all__ = [
@@ -63,7 +66,8 @@ def save_state(
     Args:
         state: a nested tree of tensors, NumPy arrays and JSON-like values (:mod:`detector.checkpoint.tree`).
         path: the final file; a temp file beside it is written, fsynced and renamed onto it.
-        checksum: ``"crc32-tree"`` (fast) or ``"sha256-tree"``; see :mod:`detector.checkpoint.pieces`.
+        checksum: ``"xxh3-tree"`` (fastest), ``"crc32-tree"`` or ``"sha256-tree"``; see
+            :mod:`detector.checkpoint.pieces`.
         metadata: extra string entries for the safetensors ``__metadata__`` (covered by the checksum),
             e.g. the shard offsets that :mod:`detector.checkpoint.sharded` adds for other readers.
 
@@ -78,6 +82,7 @@ def save_state(
     infos = plan_tensors(tensors)
     header, digits_at = encode_header(infos, skeleton, checksum, metadata or {})
     tmp = temp_path_for(path)
+    drop_cached_pages(path)  # the old file's pages would crowd the cache the new one is written into
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
@@ -92,11 +97,25 @@ def save_state(
             write_at(fd, memoryview(digest.encode("ascii")), digits_at)
         finally:
             os.close(fd)
-        commit_file(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Commit ``tmp`` onto ``path``; the replaced file's blocks are freed in the background afterwards."""
+    old = set_aside(path)
+    try:
+        commit_file(tmp, path)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+        raise
+    if old is not None:
+        reclaim_later(old)
 
 
 def load_state(path: str | Path, map_location: str | torch.device | None = "cpu", mmap: bool = False) -> Any:

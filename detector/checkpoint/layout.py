@@ -4,14 +4,12 @@ Every tensor of the state is a safetensors tensor (the biggest dtypes first, so 
 the header's ``__metadata__`` holds ``format``, ``format_version``, ``checksum`` and ``skeleton`` (the
 JSON tree of :mod:`detector.checkpoint.tree`). Any safetensors reader can open the file.
 
-Checksum: ``{kind}:{64 hex digits}``, the SHA-256 of (the 8-byte length prefix + the header, with the
-checksum's 64 hex digits written as zeros) followed by the digests of the data pieces (each tensor's
-bytes, cut in 16 MiB pieces), each piece digested with the kind the header names: ``crc32-tree`` (the
-default) or ``sha256-tree`` (:mod:`detector.checkpoint.pieces` gives the choice and its measured
-reasons). The pieces are what makes it fast: they are digested in worker threads, in parallel with each
-other and with the disk I/O, on save and on load. The header is covered too, so a flipped byte anywhere
-in the file is caught. It guards against corruption, not forgery: anyone who can write the file can
-recompute it.
+Checksum: ``KIND:HEX``, the SHA-256 of (the 8-byte length prefix + the header, with the checksum's
+64 hex digits written as zeros) followed by one digest per data piece (each tensor's bytes, cut in
+16 MiB pieces); ``KIND`` names the piece digest (``xxh3-tree`` by default, ``crc32-tree`` or
+``sha256-tree``: see :mod:`detector.checkpoint.pieces`), so files of every kind stay readable. The
+header is covered too, so a flipped byte anywhere in the file is caught. It guards against
+corruption, not forgery: anyone who can write the file can recompute it.
 """
 
 from __future__ import annotations

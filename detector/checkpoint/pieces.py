@@ -2,18 +2,19 @@
 
 The checkpoint checksum is a tree: the SHA-256 of the file's header followed by one digest per data
 piece (each tensor's bytes, cut in ``PIECE_BYTES`` pieces). Per-piece digests let worker threads
-(``os.pwrite``/``os.preadv``, ``zlib.crc32`` and ``hashlib`` all release the GIL) copy and digest
-several pieces at once, so a save or a load is bound by the disk or memory, not by one core.
+(``os.pwrite``/``os.preadv``, ``xxhash``, ``zlib.crc32`` and ``hashlib`` all release the GIL) copy and
+digest several pieces at once, so a save or a load is bound by the disk or memory, not by one core.
 
-Two piece digests (the file names the one it used):
+Three piece digests; the file's header names the one it used, so files of every kind stay readable:
 
-- ``crc32-tree`` (the default): CRC-32 per piece. The checksum guards against accidental corruption
-  (torn or truncated writes, bit rot, a wrong file); it cannot guard against forgery whatever the
-  hash, since whoever can write the file can recompute it. CRC-32 catches every error burst up to 32
-  bits and any other corruption of a piece with probability 1 - 2**-32, and runs at 3.3 GB/s per core
-  on the development machine, 3x SHA-256 (1.15 GB/s with SHA extensions) and 6x blake2b (0.51 GB/s):
-  on a machine with two busy cores that is the difference between matching ``torch.save`` and
-  trailing it.
+- ``xxh3-tree`` (the default): XXH3-64 per piece (``xxhash``). The checksum guards against
+  accidental corruption (torn or truncated writes, bit rot, a wrong file); it cannot guard against
+  forgery whatever the hash, since whoever can write the file can recompute it.
+  XXH3 passes SMHasher's quality tests (a corrupted piece goes unnoticed with probability about 2**-64)
+  and runs at 20-25 GB/s per core on the development machine (SSE2/AVX2), against 2-3 GB/s for
+  ``zlib.crc32``: on a 2.2 GB state it takes ~0.1 s of CPU instead of 0.7-1.1 s, so the digest no
+  longer competes with the copies for the cores.
+- ``crc32-tree``: CRC-32 (``zlib``) per piece, the default of earlier builds; still read and verified.
 - ``sha256-tree``: SHA-256 per piece, for a collision-resistant content fingerprint.
 """
 
@@ -28,15 +29,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import xxhash
 
 from detector.checkpoint.tree import CheckpointFormatError
 
 PIECE_BYTES = 16 << 20
 PIECE_DIGESTS: dict[str, Callable[[memoryview], bytes]] = {
+    "xxh3-tree": xxhash.xxh3_64_digest,  # releases the GIL, reads the memoryview in place
     "crc32-tree": lambda piece: zlib.crc32(piece).to_bytes(4, "big"),
     "sha256-tree": lambda piece: hashlib.sha256(piece).digest(),
 }
-DEFAULT_CHECKSUM = "crc32-tree"
+DEFAULT_CHECKSUM = "xxh3-tree"
 _WORKERS = max(1, min(8, os.cpu_count() or 1))
 _THREADED_PIECE_BYTES = 1 << 20  # below this a thread hand-off costs more than the work
 
