@@ -9,15 +9,27 @@ from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from detector.backbone import has_own_tokenizer
+from detector.backbone import ID2LABEL, has_own_tokenizer
 from detector.demo import write_demo_corpus
 from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.records import Records, read_records
 from detector.splits import stratified_group_split
 from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
+
+
+def warn_single_class(records: Records) -> None:
+    """Warn when a training file holds one class only: the classifier can learn nothing but a constant."""
+    present = sorted(set(records.label) - {None})
+    if len(present) == 1:
+        name = ID2LABEL[int(present[0])]
+        rank_zero_warn(
+            f"{records.path}: every one of the {len(records)} training rows is labelled {name!r}; "
+            "a classifier trained on one class only learns a constant answer. Add rows of the other class."
+        )
 
 
 class EncodedDataset(Dataset):
@@ -192,6 +204,7 @@ class DetectorDataModule(LightningDataModule):
 
     def _setup_fit(self, val_path: str | None) -> None:
         records, h = self.train_records(), cast(Any, self.hparams)
+        warn_single_class(records)
         if val_path is not None:
             self._set_split("train", records)
             self._set_split("val", read_records(val_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -16,6 +17,8 @@ from transformers import AutoTokenizer, DebertaV2Tokenizer, PreTrainedTokenizerB
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 # Lightning stores a data module's state_dict() in the checkpoint under the class name.
 DATAMODULE_STATE = "DetectorDataModule"
+SCORE_DECIMALS = 6  # far coarser than the trainer's run-to-run float noise (~1e-14)
+PENALTY_STEP = 1e-4  # the Unigram trainer's score step between its appended "required" characters
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2Tokenizer:
@@ -37,12 +40,29 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2To
     raw.train_from_iterator(texts, trainer)
     model = json.loads(raw.to_str())["model"]
     pieces = [(str(piece), float(score)) for piece, score in model["vocab"]]
-    # The trainer's piece order (and the low bits of its scores) vary from run to run; order the
-    # pieces by their text so the same texts give the same ids. Runs still reuse the saved tokenizer.
+    unk_piece = pieces[int(model["unk_id"])][0]
     specials = [entry for entry in pieces if entry[0] in SPECIAL_TOKENS]
-    rest = sorted((entry for entry in pieces if entry[0] not in SPECIAL_TOKENS), key=lambda e: e[0])
+    rest = canonical_scores([entry for entry in pieces if entry[0] not in SPECIAL_TOKENS])
     vocab = specials + rest
-    return DebertaV2Tokenizer(vocab=vocab, unk_id=vocab.index(("[UNK]", pieces[int(model["unk_id"])][1])))
+    return DebertaV2Tokenizer(vocab=vocab, unk_id=[piece for piece, _ in vocab].index(unk_piece))
+
+
+def canonical_scores(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The trained pieces sorted by text, with scores that do not depend on the trainer's hash order.
+
+    The Unigram trainer varies from run to run in two ways (its hash maps are seeded at random): the
+    low bits of the scores (float sums in another order), and the order of the "required" characters
+    it appends below every other piece, each ``PENALTY_STEP`` lower than the one before. Scores are
+    rounded to ``SCORE_DECIMALS`` and those characters re-scored in order of their text, so the same
+    texts give the same tokenizer, byte for byte.
+    """
+    multi = [score for piece, score in pieces if len(piece) > 1]
+    floor = min(multi) - 0.5 if multi else -math.inf
+    required = sorted(piece for piece, score in pieces if len(piece) == 1 and score < floor)
+    top = round(max((score for piece, score in pieces if piece in set(required)), default=0.0), 3)
+    penalty = {piece: top - i * PENALTY_STEP for i, piece in enumerate(required)}
+    rescored = ((piece, penalty.get(piece, score)) for piece, score in pieces)
+    return sorted(((piece, round(score, SCORE_DECIMALS)) for piece, score in rescored), key=lambda e: e[0])
 
 
 def load_or_train_tokenizer(
