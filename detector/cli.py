@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.checkpoint.reader import read_checkpoint_header
+from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import DetectorDataModule
 from detector.module import DetectorModule
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
@@ -57,7 +58,7 @@ class DetectorCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not Path(ckpt_path).exists():
             return
-        hparams = dict(read_checkpoint_header(ckpt_path)["state"].get("hyper_parameters") or {})
+        hparams = dict(verified_header(ckpt_path)["state"].get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -69,9 +70,28 @@ class DetectorCLI(LightningCLI):
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
 
 
+@functools.cache
+def _verified(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    verify_checkpoint(path)
+    return read_checkpoint_header(path)
+
+
+def verified_header(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's header, read only once its checksum has been verified (once per file version).
+
+    The CLI takes hyperparameters, tokenizer files and a ``pretrained`` path from the header: a flipped
+    byte there must be reported as a corrupt file, not surface as a strange option or model error.
+
+    Raises:
+        CheckpointFormatError: naming the file and what is wrong.
+    """
+    info = Path(ckpt_path).stat()
+    return _verified(str(ckpt_path), info.st_size, info.st_mtime_ns)
+
+
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:
     """The checkpoint's tokenizer, written once under ``root/checkpoint-<checksum>``; ``None`` if absent."""
-    header = read_checkpoint_header(ckpt_path)
+    header = verified_header(ckpt_path)
     files = checkpoint_tokenizer_files(header["state"])
     if files is None:
         return None

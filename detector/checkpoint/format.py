@@ -94,9 +94,11 @@ def save_state(
         finally:
             os.close(fd)
         commit_file(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:  # os.write names no file: say which
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

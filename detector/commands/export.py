@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from detector.bundle.export import checkpoint_weights, export_checkpoint
 from detector.checkpoint.reader import load_checkpoint_state
+from detector.errors import user_error
 from detector.module import DetectorModule
 from detector.records import read_records
 from detector.tokenizer import checkpoint_tokenizer
@@ -49,8 +51,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export ``checkpoint`` to a bundle; print its path."""
+    """Export ``checkpoint`` to a bundle; print its path. 2 on bad input (one line on stderr)."""
     args = _parser().parse_args(argv)
+    try:
+        print(export(args))
+    except (ValueError, OSError) as err:  # corrupt checkpoint, bad data, existing bundle, full disk
+        print(f"detector export: error: {user_error(err) or err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export(args: argparse.Namespace) -> Path:
+    """The export ``args`` ask for; returns the bundle's path."""
     checkpoint = load_checkpoint_state(args.checkpoint)
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
@@ -65,5 +77,4 @@ def main(argv: list[str] | None = None) -> int:
         use_ema=not args.no_ema, val_scores=val_scores, target_fpr=args.target_fpr, onnx=args.onnx,
         extra_metadata={"max_length": max_length}, load_state=lambda _: checkpoint,
     )  # fmt: skip
-    print(path)
-    return 0
+    return path
