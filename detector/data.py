@@ -23,9 +23,9 @@ from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
 
 def warn_single_class(records: Records) -> None:
     """Warn when a training file holds one class only: the classifier can learn nothing but a constant."""
-    present = sorted(set(records.label) - {None})
+    present = {label for label in records.label if label is not None}
     if len(present) == 1:
-        name = ID2LABEL[int(present[0])]
+        name = ID2LABEL[present.pop()]
         rank_zero_warn(
             f"{records.path}: every one of the {len(records)} training rows is labelled {name!r}; "
             "a classifier trained on one class only learns a constant answer. Add rows of the other class."
