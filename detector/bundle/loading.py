@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from detector.backbone import ID2LABEL
+from detector.bundle.integrity import BundleIntegrityError, check_finite, verify_bundle
 from detector.bundle.onnx import ONNX_FILE, encode
-from detector.bundle.writer import read_metadata
+from detector.bundle.writer import METADATA_FILE, read_metadata
 
 Backend = Literal["torch", "onnx"]
+WEIGHTS_FILE = "model.safetensors"
 LogitsFn = Callable[[dict[str, torch.Tensor]], np.ndarray]
 
 
@@ -25,7 +28,14 @@ def prob_machine(logits: np.ndarray) -> np.ndarray:
 
 
 def _torch_logits(bundle: Path, device: str) -> LogitsFn:
-    model = AutoModelForSequenceClassification.from_pretrained(bundle).to(device).eval()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(bundle)
+    except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
+        raise BundleIntegrityError(
+            f"{bundle}: the model could not be loaded ({type(err).__name__}: {err})"
+        ) from err
+    check_finite(model.named_parameters(), bundle / WEIGHTS_FILE)
+    model = model.to(device).eval()
 
     def logits(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
@@ -33,6 +43,15 @@ def _torch_logits(bundle: Path, device: str) -> LogitsFn:
         return out.float().cpu().numpy()
 
     return logits
+
+
+def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, weights.get_tensor(name)
+    except SafetensorError as err:
+        raise BundleIntegrityError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _onnx_logits(bundle: Path) -> LogitsFn:
@@ -98,7 +117,12 @@ class Detector:
 
 
 def load_detector(
-    bundle: str | Path, backend: Backend = "torch", *, threshold: float | None = None, device: str = "cpu"
+    bundle: str | Path,
+    backend: Backend = "torch",
+    *,
+    threshold: float | None = None,
+    device: str = "cpu",
+    verify: bool = True,
 ) -> Detector:
     """Load ``bundle`` for scoring with PyTorch or ONNX Runtime (CPU).
 
@@ -107,15 +131,32 @@ def load_detector(
         backend: ``"torch"`` (``model.safetensors``) or ``"onnx"`` (``model.onnx``).
         threshold: overrides the stored ``decision_threshold``.
         device: the PyTorch device; ONNX Runtime runs on the CPU.
+        verify: check every file against the bundle's ``SHA256SUMS`` first
+            (:func:`detector.bundle.integrity.verify_bundle`); ``False`` for a bundle edited on purpose.
+            Non-finite weights are refused either way.
+
+    Raises:
+        BundleIntegrityError: naming the file at fault: missing, altered, unlisted, non-finite weights.
     """
     bundle = Path(bundle)
+    if not (bundle / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{bundle / METADATA_FILE} not found: {bundle} is not a detector bundle")
+    if verify:
+        verify_bundle(bundle)
     metadata = read_metadata(bundle)
     if backend == "torch":
         logits_fn = _torch_logits(bundle, device)
     elif backend == "onnx":
+        if (bundle / WEIGHTS_FILE).is_file():
+            check_finite(_safetensors_weights(bundle / WEIGHTS_FILE), bundle / WEIGHTS_FILE)
         logits_fn = _onnx_logits(bundle)
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(bundle)
+    except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
+        raise BundleIntegrityError(
+            f"{bundle}: the tokenizer could not be loaded ({type(err).__name__}: {err})"
+        ) from err
     chosen = metadata["decision_threshold"] if threshold is None else threshold
     return Detector(tokenizer, logits_fn, chosen, metadata["max_length"], metadata)

@@ -34,6 +34,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from detector.atomic import TEMP_MARKER, fsync_dir, fsync_file, temp_path_for
 from detector.backbone import ID2LABEL, LABEL2ID
 from detector.bundle.card import render_card
+from detector.bundle.integrity import BundleIntegrityError, write_manifest
 from detector.bundle.onnx import export_and_check
 from detector.bundle.provenance import git_state, package_versions, utc_now
 from detector.bundle.thresholds import DEFAULT_THRESHOLD
@@ -220,6 +221,7 @@ def write_bundle(
     try:
         _write_contents(tmp, model, tokenizer, weights, completed, onnx)
         (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
+        write_manifest(tmp)
         _commit(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -232,4 +234,10 @@ def read_metadata(bundle: str | Path) -> dict[str, Any]:
     path = Path(bundle) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {bundle} is not a detector bundle")
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleIntegrityError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(metadata, dict):
+        raise BundleIntegrityError(f"{path}: not a JSON object")
+    return metadata

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.checkpoint.reader import read_checkpoint_header
+from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import EncodedDataset, pad_batch
 from detector.evaluation.baseline import train_baseline
 from detector.evaluation.report import write_report
@@ -40,7 +40,8 @@ def score_checkpoint(
     """
     from detector.module import DetectorModule
 
-    state = read_checkpoint_header(checkpoint)["state"]  # no tensor read
+    verify_checkpoint(checkpoint)  # before anything in its header is used
+    state = read_checkpoint_header(checkpoint)["state"]
     data_hparams = dict(state.get("datamodule_hyper_parameters") or {})
     tokenizer = checkpoint_tokenizer(state, checkpoint)
     max_length = int(data_hparams.get("max_length", 256))
@@ -61,12 +62,12 @@ def score_checkpoint(
 
 
 def score_bundle(
-    bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu"
+    bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu", verify: bool = True
 ) -> np.ndarray:
     """P(machine) per text from an inference bundle (:func:`detector.bundle.loading.load_detector`)."""
     from detector.bundle.loading import load_detector
 
-    results = load_detector(bundle, device=device).score(texts, batch_size=batch_size)
+    results = load_detector(bundle, device=device, verify=verify).score(texts, batch_size=batch_size)
     return np.array([row["prob_machine"] for row in results], dtype=np.float64)
 
 
@@ -88,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     parser.add_argument("--batch-size", type=int, default=None, help="scoring batch size")
     parser.add_argument("--device", default="cpu", help="PyTorch device for the checkpoint or bundle")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the bundle's SHA256SUMS check (a bundle edited on purpose)",
+    )
     return parser
 
 
@@ -97,7 +103,9 @@ def score_systems(args: argparse.Namespace, records: Records) -> dict[str, np.nd
     if args.checkpoint:
         systems[DETECTOR] = score_checkpoint(args.checkpoint, records.text, args.batch_size, args.device)
     if args.bundle:
-        systems[DETECTOR] = score_bundle(args.bundle, records.text, args.batch_size or 32, args.device)
+        systems[DETECTOR] = score_bundle(
+            args.bundle, records.text, args.batch_size or 32, args.device, verify=not args.no_verify
+        )
     if args.baseline_train:
         systems[BASELINE] = train_baseline(args.baseline_train).predict_proba(records.text)
     return systems
