@@ -123,18 +123,21 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
             running = self.trainer.strategy.reduce(running, reduce_op="sum")
         checkpoint[TRAIN_LOSS_CARRY] = {
             "epoch": self.current_epoch,
-            "batches": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            "batches": self._batches_processed(),
             "sum": float(running[0]),
             "count": float(running[1]),
         }
+
+    def _batches_processed(self) -> int:
+        progress: Any = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return int(progress.processed)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._loss_carry = checkpoint.get(TRAIN_LOSS_CARRY)
 
     def _apply_loss_carry(self, carry: dict[str, Any]) -> None:
         """Add the interrupted epoch's running `train_loss` sum, when resuming at the saved position."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        same_place = carry["epoch"] == self.current_epoch and carry["batches"] == progress.processed
+        same_place = carry["epoch"] == self.current_epoch and carry["batches"] == self._batches_processed()
         result = self._loss_result()
         if not same_place or result is None or self.global_rank != 0:
             return
