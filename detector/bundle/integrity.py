@@ -1,9 +1,8 @@
 """A bundle's file digests: recorded at export in ``SHA256SUMS``, verified before the bundle is used.
 
 ``SHA256SUMS`` is in ``sha256sum`` format (``<hex>  <name>`` per file, sorted), so ``sha256sum -c
-SHA256SUMS`` inside the bundle checks it too; after editing a bundle on purpose, regenerate it with
-``sha256sum * > SHA256SUMS`` (leaving out the file itself) or load with ``verify=False``
-(``--no-verify``). It guards against corruption and accidental edits, not forgery, as the
+SHA256SUMS`` inside the bundle checks it too; after editing a bundle on purpose, regenerate it
+(:func:`write_manifest`) or load with ``verify=False`` (``--no-verify``). It guards against corruption and accidental edits, not forgery, as the
 checkpoint checksum does.
 """
 
