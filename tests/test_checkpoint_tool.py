@@ -237,7 +237,10 @@ def test_convert_refuses_what_is_not_a_lightning_ckpt(tmp_path: Path, capsys) ->
     safetensors.torch.save_file({"w": torch.ones(2)}, plain)
     weights_only = tmp_path / "weights.ckpt"
     torch.save({"w": torch.ones(2)}, weights_only)
+    evil, marker = tmp_path / "evil.safetensors", tmp_path / "pwned"  # torch.load sends *.safetensors paths
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, evil)  # to safetensors: read from an open file
     cases = {
+        evil: r"torch.load\(weights_only=True\) refused it: WeightsUnpickler error: Unsupported global",
         ours: "already a detector safetensors checkpoint; nothing to convert",
         plain: r"not a Lightning .ckpt \(neither torch.save's zip nor a pickle",
         weights_only: r"a pickle but not a Lightning checkpoint \(no 'state_dict' mapping; keys \['w'\]\)",
@@ -250,3 +253,4 @@ def test_convert_refuses_what_is_not_a_lightning_ckpt(tmp_path: Path, capsys) ->
         err = capsys.readouterr().err
         assert re.fullmatch(rf"error: {re.escape(str(source))}: {problem}.*\n", err), err
         assert not target.exists()
+    assert not marker.exists()

@@ -2,8 +2,8 @@
 
 ``SHA256SUMS`` is in ``sha256sum`` format (``<hex>  <name>`` per file, sorted), so ``sha256sum -c
 SHA256SUMS`` inside the bundle checks it too; after editing a bundle on purpose, regenerate it
-(:func:`write_manifest`) or load with ``verify=False`` (``--no-verify``). It guards against corruption and accidental edits, not forgery, as the
-checkpoint checksum does.
+(:func:`write_manifest`) or load with ``verify=False`` (``--no-verify``). It guards against
+corruption and accidental edits, not forgery, as the checkpoint checksum does.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
 import stat
 import sys
 from collections.abc import Mapping, Sequence
@@ -122,9 +123,15 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> None:
     source = Path(source)
     _check_pickle_file(source)
     try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands a path named *.safetensors to safetensors.
+        with source.open("rb") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{source}: torch.load(weights_only=True) refused it: {err}") from err
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        reason = next(
+            (line for line in lines if "Unpickler error" in line), lines[0] if lines else ""
+        ).strip()
+        raise ValueError(f"{source}: torch.load(weights_only=True) refused it: {reason}") from err
     except (RuntimeError, EOFError, OSError) as err:  # torch's zip reader on a torn or foreign file
         raise ValueError(
             f"{source}: not a readable torch/Lightning .ckpt ({type(err).__name__}: {err})"
