@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -18,7 +17,7 @@ SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 # Lightning stores a data module's state_dict() in the checkpoint under the class name.
 DATAMODULE_STATE = "DetectorDataModule"
 SCORE_DECIMALS = 6  # far coarser than the trainer's run-to-run float noise (~1e-14)
-PENALTY_STEP = 1e-4  # the Unigram trainer's score step between its appended "required" characters
+PENALTY_STEP = 1e-4  # the Unigram trainer's score step between the "required" characters it adds
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2Tokenizer:
@@ -51,18 +50,25 @@ def canonical_scores(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]
     """The trained pieces sorted by text, with scores that do not depend on the trainer's hash order.
 
     The Unigram trainer varies from run to run in two ways (its hash maps are seeded at random): the
-    low bits of the scores (float sums in another order), and the order of the "required" characters
-    it appends below every other piece, each ``PENALTY_STEP`` lower than the one before. Scores are
-    rounded to ``SCORE_DECIMALS`` and those characters re-scored in order of their text, so the same
-    texts give the same tokenizer, byte for byte.
+    low bits of the scores (float sums in another order), and which of the "required" characters it
+    adds gets which score: the lowest score plus 0, 1, 2, ... ``PENALTY_STEP``, in hash order. Scores
+    are rounded to ``SCORE_DECIMALS``, and the single characters on that grid share its scores out
+    in order of their text, so the same texts give the same tokenizer, byte for byte.
     """
-    multi = [score for piece, score in pieces if len(piece) > 1]
-    floor = min(multi) - 0.5 if multi else -math.inf
-    required = sorted(piece for piece, score in pieces if len(piece) == 1 and score < floor)
-    top = round(max((score for piece, score in pieces if piece in set(required)), default=0.0), 3)
-    penalty = {piece: top - i * PENALTY_STEP for i, piece in enumerate(required)}
-    rescored = ((piece, penalty.get(piece, score)) for piece, score in pieces)
-    return sorted(((piece, round(score, SCORE_DECIMALS)) for piece, score in rescored), key=lambda e: e[0])
+    rounded = [(piece, round(score, SCORE_DECIMALS)) for piece, score in pieces]
+    if not rounded:
+        return rounded
+    low = min(score for _, score in rounded)
+    singles = sum(len(piece) == 1 for piece, _ in rounded)
+
+    def on_grid(score: float) -> bool:
+        steps = round((score - low) / PENALTY_STEP)
+        return steps <= singles and abs(score - low - steps * PENALTY_STEP) < 10 ** -(SCORE_DECIMALS - 1)
+
+    grid = sorted(piece for piece, score in rounded if len(piece) == 1 and on_grid(score))
+    scores = sorted(score for piece, score in rounded if len(piece) == 1 and on_grid(score))
+    shared = dict(zip(grid, scores, strict=True))
+    return sorted(((piece, shared.get(piece, score)) for piece, score in rounded), key=lambda e: e[0])
 
 
 def load_or_train_tokenizer(

@@ -1,3 +1,4 @@
+import pytest
 from transformers import AutoTokenizer, DebertaV2Tokenizer
 
 from detector.tokenizer import (
@@ -38,11 +39,12 @@ def test_tokenizer_travels_as_files(texts):
     assert rebuilt(texts[:3])["input_ids"] == tokenizer(texts[:3])["input_ids"]
 
 
-def test_training_twice_on_the_same_texts_gives_byte_identical_tokenizers(tmp_path, texts):
+@pytest.mark.parametrize("vocab_size", [200, 300])
+def test_training_twice_on_the_same_texts_gives_byte_identical_tokenizers(tmp_path, texts, vocab_size):
     # Rare characters make the trainer append "required" pieces in its (randomly seeded) hash order.
     corpus = [*texts, "$5 + 3 = 8", "Quiz: 90° ^ zero \u2212 one", "q Z"] * 2
     saved = []
     for run in range(4):
-        train_tokenizer(corpus, vocab_size=300).save_pretrained(tmp_path / str(run))
+        train_tokenizer(corpus, vocab_size=vocab_size).save_pretrained(tmp_path / str(run))
         saved.append((tmp_path / str(run) / "tokenizer.json").read_bytes())
     assert saved[1:] == saved[:1] * 3
