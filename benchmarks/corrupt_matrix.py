@@ -7,7 +7,7 @@ bundle files, NaN weights), runs each tool on each variant in-process through
 
 - ``clear``: non-zero exit, no traceback, the error line names the file;
 - ``clear_after_traceback``: an exception escaped (a traceback), but its message names the file;
-- ``unclear``: anything else that refused (no file named, a hang cut by the alarm);
+- ``unclear``: anything else that refused (no file named; a hang, cut after ``MATRIX_HANG_SECONDS``);
 - ``accepted``: exit 0 on a corrupt or hostile file;
 - ``code_run``: a pickle payload ran (its marker file appeared).
 
@@ -28,6 +28,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -36,7 +37,7 @@ TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "i
 OUTCOMES = ("clear", "clear_after_traceback", "unclear", "accepted", "code_run")
 CHECKPOINT_TOOLS = ("verify", "show", "list", "convert", "export", "fit_ckpt_path", "evaluate_checkpoint")
 BUNDLE_TOOLS = ("score", "evaluate_bundle")
-HANG_SECONDS = 60
+HANG_SECONDS = int(os.environ.get("MATRIX_HANG_SECONDS", "30"))
 
 
 class Payload:
@@ -281,6 +282,16 @@ def _alarm(*_: object) -> None:
     raise Hang(f"no answer within {HANG_SECONDS} s")
 
 
+def _release_fifos(variant: Path, hung: list[bool]) -> None:
+    """After the time limit: count a hang, and open every FIFO of the variant for writing, which
+    wakes a reader blocked in open() where the alarm cannot (a retrying native call)."""
+    hung.append(True)
+    for path in [variant, *(variant.rglob("*") if variant.is_dir() else [])]:
+        if path.is_fifo():
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
 def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
     """Run ``tool`` on ``variant`` in this process and sort the outcome."""
     from detector.__main__ import main
@@ -297,6 +308,9 @@ def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
     os.chdir(scratch)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_SECONDS)
+    hung: list[bool] = []
+    watchdog = threading.Timer(HANG_SECONDS + 1, _release_fifos, (variant, hung))
+    watchdog.start()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             main(tool_argv(tool, variant, work, scratch))
@@ -308,9 +322,12 @@ def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
         escaped = error
     finally:
         signal.alarm(0)
+        watchdog.cancel()
         os.chdir(old_cwd)
     if marker.exists():
         return "code_run"
+    if hung:
+        return "unclear"
     names = (str(variant), variant.name) if variant.is_dir() and tool in BUNDLE_TOOLS else (str(variant),)
     if escaped is not None:
         return "clear_after_traceback" if any(n in str(escaped) for n in names) else "unclear"
