@@ -10,11 +10,18 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
+from detector.bundle.integrity import BundleIntegrityError
+from detector.bundle.writer import BundleExistsError
 from detector.checkpoint.tree import CheckpointFormatError
 from detector.records import DataError
 
 # Bad input or a full disk: the message names the file (and line or key) and the problem.
-USER_ERRORS: tuple[type[BaseException], ...] = (CheckpointFormatError, DataError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointFormatError,
+    DataError,
+    BundleIntegrityError,
+    BundleExistsError,
+)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -34,13 +41,9 @@ def user_error(error: BaseException) -> str | None:
     the refusal they carry.
     """
     for cause in _chain(error):
-        if isinstance(cause, USER_ERRORS) or type(cause).__name__ in _REFUSALS:
+        if isinstance(cause, USER_ERRORS):
             return str(cause)
         if isinstance(cause, OSError) and cause.errno in DISK_FULL:
             where = f" while writing {cause.filename}" if cause.filename else ""
             return f"{cause.strerror or 'no space left on device'}{where}"
     return None
-
-
-# Refusals defined in modules this one must not import (they import the CLI's dependencies).
-_REFUSALS = frozenset({"BundleExistsError", "BundleIntegrityError"})
