@@ -28,7 +28,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -282,14 +281,24 @@ def _alarm(*_: object) -> None:
     raise Hang(f"no answer within {HANG_SECONDS} s")
 
 
-def _release_fifos(variant: Path, hung: list[bool]) -> None:
-    """After the time limit: count a hang, and open every FIFO of the variant for writing, which
-    wakes a reader blocked in open() where the alarm cannot (a retrying native call)."""
-    hung.append(True)
-    for path in [variant, *(variant.rglob("*") if variant.is_dir() else [])]:
-        if path.is_fifo():
-            with contextlib.suppress(OSError):
-                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+_RELEASE = """
+import contextlib, os, sys, time
+from pathlib import Path
+variant, flag, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+time.sleep(delay)
+flag.touch()
+for path in [variant, *(variant.rglob("*") if variant.is_dir() else [])]:
+    if path.is_fifo():
+        with contextlib.suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+"""
+
+
+def _watchdog(variant: Path, flag: Path) -> subprocess.Popen:
+    """A process that, after the time limit, flags a hang and opens every FIFO of the variant for
+    writing: that wakes a reader blocked in a native open() that holds the GIL, where neither the
+    alarm nor a thread can."""
+    return subprocess.Popen([sys.executable, "-c", _RELEASE, str(variant), str(flag), str(HANG_SECONDS + 1)])
 
 
 def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
@@ -308,9 +317,8 @@ def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
     os.chdir(scratch)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(HANG_SECONDS)
-    hung: list[bool] = []
-    watchdog = threading.Timer(HANG_SECONDS + 1, _release_fifos, (variant, hung))
-    watchdog.start()
+    hung = scratch / "HUNG"
+    watchdog = _watchdog(variant, hung)
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             main(tool_argv(tool, variant, work, scratch))
@@ -322,11 +330,12 @@ def run_one(tool: str, name: str, variant: Path, work: Path) -> str:
         escaped = error
     finally:
         signal.alarm(0)
-        watchdog.cancel()
+        watchdog.kill()
+        watchdog.wait()
         os.chdir(old_cwd)
     if marker.exists():
         return "code_run"
-    if hung:
+    if hung.exists():
         return "unclear"
     names = (str(variant), variant.name) if variant.is_dir() and tool in BUNDLE_TOOLS else (str(variant),)
     if escaped is not None:
