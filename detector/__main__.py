@@ -7,6 +7,7 @@ import sys
 
 from detector.bundle.writer import BundleExistsError
 from detector.cli import build_cli
+from detector.errors import user_error
 from detector.run_folder import LastCheckpointError, RunFolderError
 
 # Verbs beside LightningCLI's own: each module has ``main(argv) -> int``.
@@ -21,17 +22,23 @@ TOOLS = {
 def main(args: list[str] | None = None) -> None:
     """Run the command line on ``args`` (``sys.argv[1:]`` when ``None``)."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in TOOLS:
-        code = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
-        if code:
-            raise SystemExit(code)
-        return
     try:
+        if argv and argv[0] in TOOLS:
+            code = importlib.import_module(TOOLS[argv[0]]).main(argv[1:])
+            if code:
+                raise SystemExit(code)
+            return
         build_cli(args)
     except (RunFolderError, BundleExistsError, LastCheckpointError) as error:
         # Refused before training, nothing written: one line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

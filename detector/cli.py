@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from callbacks.plain_progress import PlainProgress
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.checkpoint.reader import read_checkpoint_header
+from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import DetectorDataModule
 from detector.ema import EMASchedule
 from detector.module import DetectorModule
@@ -107,7 +108,7 @@ class DetectorCLI(LightningCLI):
             self.config[subcommand]["ckpt_path"] = ckpt_path
         if not ckpt_path or not Path(ckpt_path).exists():
             return
-        hparams = dict(read_checkpoint_header(ckpt_path)["state"].get("hyper_parameters") or {})
+        hparams = dict(verified_header(ckpt_path)["state"].get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if hparams:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -258,9 +259,28 @@ def add_tensorboard_beside_csv(trainer: Trainer) -> None:
     trainer.loggers = [*loggers, board]
 
 
+@functools.cache
+def _verified(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    verify_checkpoint(path)
+    return read_checkpoint_header(path)
+
+
+def verified_header(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's header, read only once its checksum has been verified (once per file version).
+
+    The CLI takes hyperparameters, tokenizer files and a ``pretrained`` path from the header: a flipped
+    byte there must be reported as a corrupt file, not surface as a strange option or model error.
+
+    Raises:
+        CheckpointFormatError: naming the file and what is wrong.
+    """
+    info = Path(ckpt_path).stat()
+    return _verified(str(ckpt_path), info.st_size, info.st_mtime_ns)
+
+
 def checkpoint_tokenizer_folder(ckpt_path: str, root: str) -> str | None:
     """The checkpoint's tokenizer, written once under ``root/checkpoint-<checksum>``; ``None`` if absent."""
-    header = read_checkpoint_header(ckpt_path)
+    header = verified_header(ckpt_path)
     files = checkpoint_tokenizer_files(header["state"])
     if files is None:
         return None

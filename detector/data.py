@@ -9,6 +9,7 @@ from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -16,10 +17,22 @@ from detector.backbone import has_own_tokenizer, resolve_pretrained
 from detector.demo import write_demo_corpus
 from detector.loader import ResumableDataLoader, ResumableSampler
 from detector.records import Records, read_records
+from detector.scoring import ID2LABEL
 from detector.splits import stratified_group_split
 from detector.tokenizer import load_or_train_tokenizer, tokenizer_files
 
 DEFAULT_ROOT = "outputs"  # where a run's files go without the CLI's `trainer.default_root_dir`
+
+
+def warn_single_class(records: Records) -> None:
+    """Warn when a training file holds one class only: the classifier can learn nothing but a constant."""
+    present = {label for label in records.label if label is not None}
+    if len(present) == 1:
+        name = ID2LABEL[present.pop()]
+        rank_zero_warn(
+            f"{records.path}: every one of the {len(records)} training rows is labelled {name!r}; "
+            "a classifier trained on one class only learns a constant answer. Add rows of the other class."
+        )
 
 
 class EncodedDataset(Dataset):
@@ -220,6 +233,7 @@ class DetectorDataModule(LightningDataModule):
 
     def _setup_fit(self, val_path: str | None) -> None:
         records, h = self.train_records(), cast(Any, self.hparams)
+        warn_single_class(records)
         if val_path is not None:
             self._set_split("train", records)
             self._set_split("val", read_records(val_path))

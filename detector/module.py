@@ -17,6 +17,10 @@ from detector.checkpoint.plugin import SafetensorsLoadingMixin
 from detector.metrics import classification_metrics
 from detector.scoring import prob_machine
 
+# Lightning accumulates an on_epoch metric in its loop's results, which no checkpoint holds: the
+# running sum of `train_loss` is carried across a mid-epoch resume under this checkpoint key.
+TRAIN_LOSS_CARRY = "train_loss_epoch_running"
+_TRAIN_LOSS_RESULT = "training_step.train_loss"
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm.weight", "layer_norm.bias")
 
 
@@ -73,6 +77,7 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
         self._val_labels: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
         self._last_val: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._loss_carry: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         trainer = attached_trainer(self)
@@ -117,7 +122,45 @@ class DetectorModule(SafetensorsLoadingMixin, LightningModule):  # type: ignore[
             sync_dist=True,
             batch_size=len(batch["labels"]),
         )
+        if self._loss_carry is not None:
+            self._apply_loss_carry(self._loss_carry)
+            self._loss_carry = None
         return loss
+
+    def _loss_result(self) -> Any:
+        # Lightning's private per-epoch accumulator of `train_loss` (sum of loss * batch size, count).
+        results = getattr(self.trainer.fit_loop.epoch_loop, "_results", None)
+        return results.get(_TRAIN_LOSS_RESULT) if results is not None else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        result = self._loss_result() if self._trainer is not None else None
+        if result is None or not hasattr(result, "cumulated_batch_size"):
+            return
+        running = torch.stack([result.value.detach().double(), result.cumulated_batch_size.double()])
+        if self.trainer.world_size > 1:  # every rank saves (Lightning's contract); rank 0 restores the total
+            running = self.trainer.strategy.reduce(running, reduce_op="sum")
+        checkpoint[TRAIN_LOSS_CARRY] = {
+            "epoch": self.current_epoch,
+            "batches": self._batches_processed(),
+            "sum": float(running[0]),
+            "count": float(running[1]),
+        }
+
+    def _batches_processed(self) -> int:
+        progress: Any = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return int(progress.processed)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._loss_carry = checkpoint.get(TRAIN_LOSS_CARRY)
+
+    def _apply_loss_carry(self, carry: dict[str, Any]) -> None:
+        """Add the interrupted epoch's running `train_loss` sum, when resuming at the saved position."""
+        same_place = carry["epoch"] == self.current_epoch and carry["batches"] == self._batches_processed()
+        result = self._loss_result()
+        if not same_place or result is None or self.global_rank != 0:
+            return
+        result.value += torch.tensor(carry["sum"], dtype=result.value.dtype, device=result.value.device)
+        result.cumulated_batch_size += int(carry["count"])
 
     def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,10 +57,23 @@ def parse_label(value: Any, where: str) -> int:
     raise DataError(f"{where}: label must be 0/1 or human/machine, got {value!r}")
 
 
+def _text(path: Path) -> str:
+    """The file's text; bytes that are not UTF-8 are a ``DataError`` naming the line they are on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        bad = data[error.start : error.end].hex(" ")
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte {bad} at offset {error.start}); re-save the file as UTF-8"
+        ) from None
+
+
 def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind == "jsonl":
-        with path.open(encoding="utf-8") as handle:
+        with io.StringIO(_text(path), newline=None) as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -71,9 +85,15 @@ def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                     raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
                 yield f"{path}:{number}", row
     elif kind == "csv":
-        with path.open(encoding="utf-8", newline="") as handle:
+        with io.StringIO(_text(path), newline="") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
+                if None in row:  # DictReader's restkey: fields beyond the header's columns
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(row[None])} more field(s) than the header's "
+                        f"{len(reader.fieldnames or [])} columns {reader.fieldnames}; "
+                        "quote a text that holds commas"
+                    )
                 yield f"{path}:{reader.line_num}", row
     elif kind == "parquet":
         import pyarrow.parquet as pq

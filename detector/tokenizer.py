@@ -19,6 +19,8 @@ from detector.atomic import new_dir
 SPECIAL_TOKENS = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
 # Lightning stores a data module's state_dict() in the checkpoint under the class name.
 DATAMODULE_STATE = "DetectorDataModule"
+SCORE_DECIMALS = 6  # far coarser than the trainer's run-to-run float noise (~1e-14)
+PENALTY_STEP = 1e-4  # the Unigram trainer's score step between the "required" characters it adds
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2Tokenizer:
@@ -40,12 +42,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8000) -> DebertaV2To
     raw.train_from_iterator(texts, trainer)
     model = json.loads(raw.to_str())["model"]
     pieces = [(str(piece), float(score)) for piece, score in model["vocab"]]
-    # The trainer's piece order (and the low bits of its scores) vary from run to run; order the
-    # pieces by their text so the same texts give the same ids. Runs still reuse the saved tokenizer.
+    unk_piece = pieces[int(model["unk_id"])][0]
     specials = [entry for entry in pieces if entry[0] in SPECIAL_TOKENS]
-    rest = sorted((entry for entry in pieces if entry[0] not in SPECIAL_TOKENS), key=lambda e: e[0])
+    rest = canonical_scores([entry for entry in pieces if entry[0] not in SPECIAL_TOKENS])
     vocab = specials + rest
-    return DebertaV2Tokenizer(vocab=vocab, unk_id=vocab.index(("[UNK]", pieces[int(model["unk_id"])][1])))
+    return DebertaV2Tokenizer(vocab=vocab, unk_id=[piece for piece, _ in vocab].index(unk_piece))
+
+
+def canonical_scores(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The trained pieces sorted by text, with scores that do not depend on the trainer's hash order.
+
+    The Unigram trainer varies from run to run in two ways (its hash maps are seeded at random): the
+    low bits of the scores (float sums in another order), and which of the "required" characters it
+    adds gets which score: the lowest score plus 0, 1, 2, ... ``PENALTY_STEP``, in hash order. Scores
+    are rounded to ``SCORE_DECIMALS``, and the single characters on that grid share its scores out
+    in order of their text, so the same texts give the same tokenizer, byte for byte.
+    """
+    rounded = [(piece, round(score, SCORE_DECIMALS)) for piece, score in pieces]
+    if not rounded:
+        return rounded
+    low = min(score for _, score in rounded)
+    singles = sum(len(piece) == 1 for piece, _ in rounded)
+
+    def on_grid(score: float) -> bool:
+        steps = round((score - low) / PENALTY_STEP)
+        return steps <= singles and abs(score - low - steps * PENALTY_STEP) < 10 ** -(SCORE_DECIMALS - 1)
+
+    grid = sorted(piece for piece, score in rounded if len(piece) == 1 and on_grid(score))
+    scores = sorted(score for piece, score in rounded if len(piece) == 1 and on_grid(score))
+    shared = dict(zip(grid, scores, strict=True))
+    return sorted(((piece, shared.get(piece, score)) for piece, score in rounded), key=lambda e: e[0])
 
 
 def load_or_train_tokenizer(

@@ -19,7 +19,7 @@ from detector.bundle.onnx import ONNX_TOLERANCE, encode, onnx_logits
 from detector.bundle.writer import TEMP_MARKER, BundleExistsError, read_metadata, write_bundle
 
 HF_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
-BUNDLE_FILES = HF_FILES | {"training_metadata.json", "README.md"}
+BUNDLE_FILES = HF_FILES | {"training_metadata.json", "README.md", "SHA256SUMS"}
 
 
 @pytest.fixture

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import signal
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 
 from detector.checkpoint.format import load_state, save_state
@@ -179,3 +183,74 @@ def test_list_reads_the_metrics_of_the_file_step_from_the_tracker_history(tmp_pa
         "checkpoint_step_12.safetensors": {"val_f1": 0.75, "val_loss": 0.25},
         "checkpoint_step_16.safetensors": {},
     }
+
+
+def _hostile(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind}.safetensors"
+    if kind == "deep":  # a 60k-deep nested header: json recursion, not a format error, on main
+        raw = b'{"__metadata__":' + b"[" * 60_000 + b"]" * 60_000 + b"}"
+        path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    return path
+
+
+HOSTILE = {
+    "deep": "header JSON is nested too deeply",
+    "folder": "not a regular file but a folder",
+    "fifo": r"not a regular file but a FIFO \(named pipe\)",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+@pytest.mark.parametrize("verb", ["verify", "show"])
+def test_hostile_files_are_refused_with_one_line_naming_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, verb: str
+) -> None:
+    path = _hostile(tmp_path, kind)
+    signal.alarm(20)  # a FIFO opened for reading blocks until a writer comes: fail, don't hang
+    try:
+        assert main([verb, str(path)]) == 1
+    finally:
+        signal.alarm(0)
+    out = capsys.readouterr()
+    lines = [line for line in (out.out + out.err).splitlines() if line]
+    assert len(lines) == 1 and re.search(rf"{re.escape(str(path))}: {HOSTILE[kind]}", lines[0]), lines
+
+
+def test_list_reports_every_hostile_file_and_keeps_listing(tmp_path: Path, capsys) -> None:
+    save_state(_checkpoint(1, 10, 0.5), tmp_path / "checkpoint_epoch_1.safetensors")
+    for kind in HOSTILE:
+        _hostile(tmp_path, kind)
+    assert main(["list", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint_epoch_1.safetensors  1      10" in out
+    for kind, problem in HOSTILE.items():
+        assert re.search(rf"unreadable: .*{kind}.safetensors: {problem}", out), out
+
+
+def test_convert_refuses_what_is_not_a_lightning_ckpt(tmp_path: Path, capsys) -> None:
+    ours, plain = tmp_path / "ours.safetensors", tmp_path / "plain.safetensors"
+    save_state(_checkpoint(1, 10, 0.5), ours)
+    safetensors.torch.save_file({"w": torch.ones(2)}, plain)
+    weights_only = tmp_path / "weights.ckpt"
+    torch.save({"w": torch.ones(2)}, weights_only)
+    evil, marker = tmp_path / "evil.safetensors", tmp_path / "pwned"  # torch.load sends *.safetensors paths
+    torch.save({"state_dict": {}, "x": _Payload(marker)}, evil)  # to safetensors: read from an open file
+    cases = {
+        evil: r"torch.load\(weights_only=True\) refused it: WeightsUnpickler error: Unsupported global",
+        ours: "already a detector safetensors checkpoint; nothing to convert",
+        plain: r"not a Lightning .ckpt \(neither torch.save's zip nor a pickle",
+        weights_only: r"a pickle but not a Lightning checkpoint \(no 'state_dict' mapping; keys \['w'\]\)",
+        _hostile(tmp_path, "fifo"): r"not a regular file but a FIFO",
+        _hostile(tmp_path, "folder"): r"not a regular file but a folder",
+    }
+    for source, problem in cases.items():
+        target = tmp_path / "out.safetensors"
+        assert main(["convert", str(source), str(target)]) == 1
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"error: {re.escape(str(source))}: {problem}.*\n", err), err
+        assert not target.exists()
+    assert not marker.exists()

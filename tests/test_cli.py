@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from detector.__main__ import main
@@ -111,3 +112,30 @@ def test_fit_writes_logs_and_resolved_config(tmp_path, monkeypatch, demo_files):
     assert config["trainer"]["max_steps"] == 3
     assert json.loads(json.dumps(config["model"]["arch"]))["hidden_size"] == 32
     assert "train_loss_step" in (run / "metrics.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.slow
+def test_two_fresh_runs_with_the_same_seed_and_data_are_bitwise_identical(tmp_path, monkeypatch, demo_files):
+    from detector.checkpoint.format import load_state
+    from detector.demo import demo_rows
+    from tests.conftest import write_jsonl
+
+    # Rare characters: the tokenizer trainer appends them in a hash order that varies between runs.
+    rare = [
+        {"text": f"{c} costs $5 + 3 = 8 at 90\u00b0 ^ {c}", "label": i % 2} for i, c in enumerate("QZq\u2212")
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", demo_rows(40, seed=0) + rare)
+    saved = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        monkeypatch.chdir(tmp_path / run)
+        main([
+            "fit", "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false",
+            "--model.arch", TINY, "--data.batch_size", "8", "--data.train_path", str(train),
+            "--data.val_path", str(demo_files["val"]), "--data.tokenizer_vocab_size", "200",
+        ])  # fmt: skip
+        saved.append(load_state(Path("outputs/checkpoints/checkpoint_latest.safetensors")))
+    first, second = saved
+    assert first["DetectorDataModule"]["tokenizer_files"] == second["DetectorDataModule"]["tokenizer_files"]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    assert all(torch.equal(first["state_dict"][k], v) for k, v in second["state_dict"].items())

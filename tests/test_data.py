@@ -116,3 +116,18 @@ def test_checkpoint_state_is_computed_once_per_run_not_at_every_save(tmp_path, d
     assert states[0]["data_fingerprint"] == hashlib.sha256(demo_files["train"].read_bytes()).hexdigest()
     states[0]["tokenizer_files"].clear()  # a caller's copy: the module's own stays whole
     assert dm.state_dict()["tokenizer_files"] == tokenizer_files(dm.tokenizer)
+
+
+def test_single_class_training_file_warns_clearly(tmp_path, demo_files):
+    rows = [json.loads(line) for line in demo_files["train"].read_text().splitlines()]
+    human = tmp_path / "human.jsonl"
+    human.write_text("".join(json.dumps({**r, "label": 0}) + "\n" for r in rows))
+    dm = make_dm(tmp_path, {**demo_files, "train": human}, val_path=str(demo_files["val"]))
+    message = r"human.jsonl: every one of the 96 training rows is labelled 'human'"
+    with pytest.warns(UserWarning, match=message):
+        dm.setup("fit")
+
+
+def test_two_class_training_file_does_not_warn(tmp_path, demo_files, recwarn):
+    make_dm(tmp_path, demo_files, val_path=str(demo_files["val"])).setup("fit")
+    assert not [w for w in recwarn if "training rows is labelled" in str(w.message)]

@@ -11,6 +11,7 @@ from multi_device_helpers import tensors
 from callbacks.ema import EMACallback
 from detector.checkpoint.format import load_state
 from detector.cli import build_cli
+from detector.module import TRAIN_LOSS_CARRY
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
@@ -106,3 +107,26 @@ def test_max_steps_stop_mid_epoch_saves_the_mid_epoch_state_and_resume_continues
     cli = fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(latest))
     assert cli.trainer.global_step == 24  # the rest of epoch 0 included: 12 batches an epoch, 2 epochs
     assert sorted(logged_losses(tmp_path / "resumed")) == list(range(7, 24))
+
+
+def epoch_losses(cwd: Path) -> dict[int, str]:
+    with open(cwd / "outputs/logs/version_0/metrics.csv") as handle:
+        return {
+            int(row["epoch"]): row["train_loss_epoch"]
+            for row in csv.DictReader(handle)
+            if row["train_loss_epoch"]
+        }
+
+
+@pytest.mark.slow
+def test_train_loss_epoch_of_an_epoch_resumed_mid_way_equals_the_straight_run(
+    tmp_path, straight, module_demo_files
+):
+    straight_cwd = straight[0]
+    saved = tmp_path / "checkpoint_step_7.safetensors"
+    shutil.copy(straight_cwd / "outputs/checkpoints/checkpoint_step_7.safetensors", saved)
+    assert load_state(saved)[TRAIN_LOSS_CARRY]["batches"] == 7
+    fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(saved))
+    expected = epoch_losses(straight_cwd)
+    assert sorted(expected) == [0, 1]
+    assert epoch_losses(tmp_path / "resumed") == expected  # the mean over all 12 batches, not the last 5

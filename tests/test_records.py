@@ -77,3 +77,21 @@ def test_parse_label_rejects_bools():
     with pytest.raises(DataError):
         parse_label(True, "here")
     assert parse_label(" Machine ", "here") == 1
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_non_utf8_bytes_name_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"d{suffix}"
+    head = b'{"text": "fine", "label": 0}\n' if suffix == ".jsonl" else b"text,label\nfine,0\n"
+    bad = b'{"text": "caf\xe9", "label": 1}\n' if suffix == ".jsonl" else b"caf\xe9,1\n"
+    path.write_bytes(head + bad)
+    line = 2 if suffix == ".jsonl" else 3
+    with pytest.raises(DataError, match=rf"d{suffix}:{line}: not UTF-8 text \(byte e9 at offset"):
+        read_records(path)
+
+
+def test_csv_row_with_an_extra_field_is_an_error(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nfine,0\nhello, world,1\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 1 more field\(s\) than the header's 2 columns"):
+        read_records(path)

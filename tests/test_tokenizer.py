@@ -1,3 +1,4 @@
+import pytest
 from transformers import AutoTokenizer, DebertaV2Tokenizer
 
 from detector.tokenizer import (
@@ -52,3 +53,14 @@ def test_saved_tokenizer_folders_are_committed_through_new_dir(tmp_path, texts, 
     assert (tmp_path / "copy" / "tokenizer.json").read_text() == (
         tmp_path / "trained" / "tokenizer.json"
     ).read_text()
+
+
+@pytest.mark.parametrize("vocab_size", [200, 300])
+def test_training_twice_on_the_same_texts_gives_byte_identical_tokenizers(tmp_path, texts, vocab_size):
+    # Rare characters make the trainer append "required" pieces in its (randomly seeded) hash order.
+    corpus = [*texts, "$5 + 3 = 8", "Quiz: 90° ^ zero \u2212 one", "q Z"] * 2
+    saved = []
+    for run in range(4):
+        train_tokenizer(corpus, vocab_size=vocab_size).save_pretrained(tmp_path / str(run))
+        saved.append((tmp_path / str(run) / "tokenizer.json").read_bytes())
+    assert saved[1:] == saved[:1] * 3

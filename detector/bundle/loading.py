@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -15,11 +16,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from detector.bundle.integrity import BundleIntegrityError, check_finite, verify_bundle
 from detector.bundle.onnx import ONNX_FILE, encode
-from detector.bundle.writer import read_metadata
+from detector.bundle.writer import METADATA_FILE, read_metadata
 from detector.scoring import DEFAULT_THRESHOLD, decision, prob_machine
 
 Backend = Literal["torch", "onnx"]
+WEIGHTS_FILE = "model.safetensors"
 LogitsFn = Callable[[dict[str, torch.Tensor]], np.ndarray]
 # Texts are length-sorted within windows of this many batches; `detector score` reads its input in
 # windows of the same size, so a file scores in the same batches wherever it is scored.
@@ -40,7 +43,23 @@ def model_logits(model: PreTrainedModel, device: str = "cpu") -> LogitsFn:
 
 
 def _torch_logits(bundle: Path, device: str) -> LogitsFn:
-    return model_logits(AutoModelForSequenceClassification.from_pretrained(bundle), device)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(bundle)
+    except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
+        raise BundleIntegrityError(
+            f"{bundle}: the model could not be loaded ({type(err).__name__}: {err})"
+        ) from err
+    check_finite(model.named_parameters(), bundle / WEIGHTS_FILE)
+    return model_logits(model, device)
+
+
+def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a dict)
+                yield name, weights.get_tensor(name)
+    except SafetensorError as err:
+        raise BundleIntegrityError(f"{path}: not a readable safetensors file ({err})") from err
 
 
 def _onnx_logits(bundle: Path) -> LogitsFn:
@@ -107,7 +126,12 @@ class Detector:
 
 
 def load_detector(
-    bundle: str | Path, backend: Backend = "torch", *, threshold: float | None = None, device: str = "cpu"
+    bundle: str | Path,
+    backend: Backend = "torch",
+    *,
+    threshold: float | None = None,
+    device: str = "cpu",
+    verify: bool = True,
 ) -> Detector:
     """Load ``bundle`` for scoring with PyTorch or ONNX Runtime (CPU).
 
@@ -116,15 +140,32 @@ def load_detector(
         backend: ``"torch"`` (``model.safetensors``) or ``"onnx"`` (``model.onnx``).
         threshold: overrides the stored ``decision_threshold``.
         device: the PyTorch device; ONNX Runtime runs on the CPU.
+        verify: check every file against the bundle's ``SHA256SUMS`` first
+            (:func:`detector.bundle.integrity.verify_bundle`); ``False`` for a bundle edited on purpose.
+            Non-finite weights are refused either way.
+
+    Raises:
+        BundleIntegrityError: naming the file at fault: missing, altered, unlisted, non-finite weights.
     """
     bundle = Path(bundle)
+    if not (bundle / METADATA_FILE).is_file():
+        raise FileNotFoundError(f"{bundle / METADATA_FILE} not found: {bundle} is not a detector bundle")
+    if verify:
+        verify_bundle(bundle)
     metadata = read_metadata(bundle)
     if backend == "torch":
         logits_fn = _torch_logits(bundle, device)
     elif backend == "onnx":
+        if (bundle / WEIGHTS_FILE).is_file():
+            check_finite(_safetensors_weights(bundle / WEIGHTS_FILE), bundle / WEIGHTS_FILE)
         logits_fn = _onnx_logits(bundle)
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    tokenizer = AutoTokenizer.from_pretrained(bundle)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(bundle)
+    except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
+        raise BundleIntegrityError(
+            f"{bundle}: the tokenizer could not be loaded ({type(err).__name__}: {err})"
+        ) from err
     chosen = metadata["decision_threshold"] if threshold is None else threshold
     return Detector(tokenizer, logits_fn, chosen, metadata["max_length"], metadata)

@@ -32,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 from detector.atomic import TEMP_MARKER, new_dir
 from detector.bundle.card import render_card
+from detector.bundle.integrity import BundleIntegrityError, write_manifest
 from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
 from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
@@ -207,6 +208,7 @@ def write_bundle(
         with new_dir(final) as tmp:
             _write_contents(tmp, model, tokenizer, weights, completed, onnx)
             (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
+            write_manifest(tmp)
     except FileExistsError as err:
         if isinstance(err, BundleExistsError):
             raise
@@ -221,4 +223,10 @@ def read_metadata(bundle: str | Path) -> dict[str, Any]:
     path = Path(bundle) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {bundle} is not a detector bundle")
-    return json.loads(path.read_text())
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleIntegrityError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(metadata, dict):
+        raise BundleIntegrityError(f"{path}: not a JSON object")
+    return metadata

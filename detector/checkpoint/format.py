@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import mmap as mmap_module
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from functools import partial
@@ -98,9 +99,11 @@ def save_state(
         finally:
             os.close(fd)
         _commit(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:  # os.write names no file: say which
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 
@@ -254,11 +257,26 @@ def _check(path: Path, layout: Layout, digest: str) -> None:
 
 @contextlib.contextmanager
 def _open(path: Path) -> Iterator[int]:
-    fd = os.open(path, os.O_RDONLY)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; the type is checked before any read.
     try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise fail(path, f"cannot be opened: {err.strerror}") from err
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise fail(path, f"not a regular file but {file_kind(mode)}; a checkpoint is a file")
+        os.set_blocking(fd, True)
         yield fd
     finally:
         os.close(fd)
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for errors."""
+    if stat.S_ISDIR(mode):
+        return "a folder (a sharded checkpoint folder holds index.json)"
+    return "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device, socket or other special file"
 
 
 def _unflatten(path: Path, tensors: dict[str, Any], skeleton: Any) -> Any:
@@ -266,6 +284,8 @@ def _unflatten(path: Path, tensors: dict[str, Any], skeleton: Any) -> Any:
         return unflatten_state(tensors, skeleton)
     except CheckpointFormatError as err:
         raise fail(path, str(err)) from err
+    except RecursionError:
+        raise fail(path, "the state skeleton is nested too deeply to be a checkpoint's") from None
 
 
 def _device(map_location: str | torch.device | None) -> torch.device:

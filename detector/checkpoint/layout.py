@@ -130,6 +130,8 @@ def read_layout(fd: int, path: Path) -> Layout:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise fail(path, f"header is not valid JSON ({err})") from err
+    except RecursionError:
+        raise fail(path, "header JSON is nested too deeply to be a checkpoint header") from None
     metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_NAME:
         raise fail(path, f"a safetensors file without detector state metadata: {str(metadata)[:200]}")
@@ -140,6 +142,8 @@ def read_layout(fd: int, path: Path) -> Layout:
         skeleton = json.loads(metadata["skeleton"])
     except (KeyError, TypeError, ValueError) as err:
         raise fail(path, f"header holds no valid state skeleton ({err!r})") from err
+    except RecursionError:
+        raise fail(path, "the state skeleton is nested too deeply to be a checkpoint's") from None
     header_bytes, kind, checksum = _split_checksum(prefix + raw, path)
     tensors = _parse_tensors(header, path)
     expected = 8 + size + (tensors[-1].end if tensors else 0)

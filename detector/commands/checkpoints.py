@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import math
 import pickle
+import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +17,14 @@ from typing import Any
 
 import torch
 
-from detector.checkpoint.format import CheckpointFormatError, TensorInfo, save_state, verify_state
+from detector.checkpoint.format import (
+    CheckpointFormatError,
+    TensorInfo,
+    file_kind,
+    read_header,
+    save_state,
+    verify_state,
+)
 from detector.checkpoint.reader import disk_usage, read_checkpoint_header, verify_checkpoint
 from detector.checkpoint.sharded import fill_sharded, is_sharded_checkpoint, read_index, state_file
 from detector.checkpoint.tree import DTYPES_BY_CODE
@@ -39,7 +48,7 @@ def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"file": path.name + "/" * sharded, "bytes": size, "error": None}
         try:
             header = read_checkpoint_header(path)
-        except CheckpointFormatError as err:
+        except (CheckpointFormatError, OSError) as err:
             rows.append({**row, "epoch": None, "global_step": None, "metrics": {}, "error": str(err)})
             continue
         state = header["state"] if isinstance(header["state"], Mapping) else {}
@@ -104,16 +113,60 @@ def convert_checkpoint(source: str | Path, target: str | Path) -> None:
     """Convert a Lightning/torch ``.ckpt`` into this format: the one place a pickle is read.
 
     Uses ``torch.load(..., weights_only=True)``, which refuses arbitrary objects; still, convert only
-    files you trust.
+    files you trust. Anything but a regular file in torch's pickle formats (a safetensors file, a
+    folder, a FIFO) is refused before it is read, and so is a pickle that holds no Lightning
+    checkpoint (a dict with a ``state_dict``).
 
     Raises:
-        ValueError: if ``torch.load`` refuses the file (it holds objects beyond tensors and containers).
+        ValueError: naming ``source`` and why it is not a convertible ``.ckpt``.
     """
+    source = Path(source)
+    _check_pickle_file(source)
     try:
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load hands a path named *.safetensors to safetensors.
+        with source.open("rb") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{source}: torch.load(weights_only=True) refused it: {err}") from err
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+        reason = next(
+            (line for line in lines if "Unpickler error" in line), lines[0] if lines else ""
+        ).strip()
+        raise ValueError(f"{source}: torch.load(weights_only=True) refused it: {reason}") from err
+    except (RuntimeError, EOFError, OSError) as err:  # torch's zip reader on a torn or foreign file
+        raise ValueError(
+            f"{source}: not a readable torch/Lightning .ckpt ({type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        what = (
+            f"keys {sorted(map(str, checkpoint))[:8]}"
+            if isinstance(checkpoint, Mapping)
+            else type(checkpoint)
+        )
+        raise ValueError(
+            f"{source}: a pickle but not a Lightning checkpoint (no 'state_dict' mapping; {what})"
+        )
     save_state(checkpoint, target)
+
+
+def _check_pickle_file(source: Path) -> None:
+    """Refuse, before reading, what cannot be a ``.ckpt``: non-regular files and non-pickle formats."""
+    try:
+        mode = source.stat().st_mode
+    except OSError as err:
+        raise ValueError(f"{source}: cannot be read ({err.strerror})") from err
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{source}: not a regular file but {file_kind(mode)}; convert takes a .ckpt file")
+    with source.open("rb") as handle:
+        magic = handle.read(4)
+    if magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80":  # torch.save's zip, or a raw pickle
+        return
+    try:
+        read_header(source)
+    except CheckpointFormatError:
+        raise ValueError(
+            f"{source}: not a Lightning .ckpt (neither torch.save's zip nor a pickle: starts with {magic!r})"
+        ) from None
+    raise ValueError(f"{source}: already a detector safetensors checkpoint; nothing to convert")
 
 
 def main(argv: list[str] | None = None) -> int:

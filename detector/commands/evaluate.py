@@ -86,12 +86,12 @@ def score_checkpoint_weights(
 
 
 def score_bundle(
-    bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu"
+    bundle: str | Path, texts: Sequence[str], batch_size: int = 32, device: str = "cpu", verify: bool = True
 ) -> np.ndarray:
     """P(machine) per text from an inference bundle (:func:`detector.bundle.loading.load_detector`)."""
     from detector.bundle.loading import load_detector
 
-    results = load_detector(bundle, device=device).score(texts, batch_size=batch_size)
+    results = load_detector(bundle, device=device, verify=verify).score(texts, batch_size=batch_size)
     return np.array([row["prob_machine"] for row in results], dtype=np.float64)
 
 
@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     parser.add_argument("--batch-size", type=int, default=None, help="scoring batch size")
     parser.add_argument("--device", default="cpu", help="PyTorch device for the checkpoint or bundle")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the bundle's SHA256SUMS check (a bundle edited on purpose)",
+    )
     return parser
 
 
@@ -137,7 +142,9 @@ def score_systems(args: argparse.Namespace, records: Records) -> dict[str, np.nd
         )
     if args.bundle:
         args.scored_weights = f"the bundle's ({read_metadata(args.bundle).get('weights')})"
-        systems[DETECTOR] = score_bundle(args.bundle, records.text, args.batch_size or 32, args.device)
+        systems[DETECTOR] = score_bundle(
+            args.bundle, records.text, args.batch_size or 32, args.device, verify=not args.no_verify
+        )
     if args.baseline_train:
         systems[BASELINE] = train_baseline(args.baseline_train).predict_proba(records.text)
     return systems

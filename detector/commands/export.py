@@ -13,6 +13,7 @@ from detector.bundle.export import checkpoint_weights, export_checkpoint
 from detector.bundle.loading import Detector, model_logits
 from detector.bundle.onnx import require_onnx
 from detector.checkpoint.reader import load_checkpoint_state
+from detector.errors import user_error
 from detector.module import DetectorModule
 from detector.records import read_records
 from detector.tokenizer import checkpoint_tokenizer
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Export ``checkpoint`` to a bundle; print its path."""
+    """Export ``checkpoint`` to a bundle; print its path. 2 on bad input (one line on stderr)."""
     args = _parser().parse_args(argv)
     if args.onnx:
         try:
@@ -57,6 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as err:
             print(f"detector export: error: {err}", file=sys.stderr)
             return 2
+    try:
+        print(export(args))
+    except (ValueError, OSError) as err:  # corrupt checkpoint, bad data, existing bundle, full disk
+        print(f"detector export: error: {user_error(err) or err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export(args: argparse.Namespace) -> Path:
+    """The export ``args`` ask for; returns the bundle's path."""
     checkpoint = load_checkpoint_state(args.checkpoint)
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
@@ -71,5 +82,4 @@ def main(argv: list[str] | None = None) -> int:
         use_ema=not args.no_ema, val_scores=val_scores, target_fpr=args.target_fpr, onnx=args.onnx,
         extra_metadata={"max_length": max_length}, load_state=lambda _: checkpoint,
     )  # fmt: skip
-    print(path)
-    return 0
+    return path

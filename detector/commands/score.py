@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--id-field", default="id", help="JSONL key or CSV column of the id, copied when present"
     )
     parser.add_argument("--device", default="cpu", help="PyTorch device (torch backend)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the bundle's SHA256SUMS check (a bundle edited on purpose)",
+    )
     return parser
 
 
@@ -136,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
     try:
         fmt = input_format(args.input, args.format)
-        detector = load_detector(args.bundle, args.backend, threshold=args.threshold, device=args.device)
+        detector = load_detector(
+            args.bundle, args.backend, threshold=args.threshold, device=args.device, verify=not args.no_verify
+        )
         with contextlib.ExitStack() as stack:
             stream = (
                 sys.stdin
