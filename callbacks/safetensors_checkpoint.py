@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from detector.atomic import atomic_link, clean_stale_temps, fsync_dir, link_tree, remove_path
 from detector.checkpoint.background import BackgroundWriteError, SerialJobs
-from detector.checkpoint.compat import dump_checkpoint
+from detector.checkpoint.compat import dump_checkpoint, validation_follows
 from detector.checkpoint.format import save_state
 from detector.checkpoint.interrupt import GracefulSigint
 from detector.checkpoint.monitor import monitored_metrics
@@ -208,7 +208,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         last_step = trainer.max_steps not in (None, -1) and step >= trainer.max_steps
         # At the epoch's last batch or before a validation of this step, the save waits for it (one file
         # per step; a state saved before a due validation would resume past it, never running it).
-        if (periodic or last_step) and not trainer.is_last_batch and not _validation_follows(trainer):
+        if (periodic or last_step) and not trainer.is_last_batch and not validation_follows(trainer):
             self._save(trainer)
 
     @override
@@ -357,13 +357,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             remove_path(self.dirpath / name)
         if deletions:
             fsync_dir(self.dirpath)
-
-
-def _validation_follows(trainer: pl.Trainer) -> bool:
-    """Whether the fit loop runs a validation right after this training batch (Lightning's own test)."""
-    loop = trainer.fit_loop
-    fetcher = getattr(loop, "_data_fetcher", None)
-    return fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(fetcher))
 
 
 def _gather_rng_states(trainer: pl.Trainer) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ __all__ = [
     "model_parallel_sizes",
     "resolve_auto_parallel_sizes",
     "saves_distributed_checkpoint",
+    "validation_follows",
 ]
 
 # Not wrapped: the ``_metadata`` attribute of the OrderedDict that ``nn.Module.state_dict()`` returns
@@ -127,6 +128,18 @@ def apply_pending_loader_states(trainer: Any) -> None:
     fit_loop = trainer.fit_loop
     if getattr(fit_loop, "_combined_loader_states_to_load", None):
         fit_loop._load_combined_loader_states()
+
+
+def validation_follows(trainer: Any) -> bool:
+    """Whether the fit loop runs a validation right after the current training batch.
+
+    Why: a step save that a validation follows is left to the validation's save (one file per step,
+    and a kill during that validation reruns it on resume); Lightning 2.6 decides it in the epoch
+    loop's private ``_should_check_val_fx`` over the fit loop's private ``_data_fetcher``.
+    """
+    loop = trainer.fit_loop
+    fetcher = getattr(loop, "_data_fetcher", None)
+    return fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(fetcher))
 
 
 def attached_trainer(module: Any) -> Any | None:
