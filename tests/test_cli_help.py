@@ -86,6 +86,7 @@ def test_the_callbacks_checked_are_all_of_ours():
     assert _our_callbacks() == [
         "callbacks.ema.EMACallback",
         "callbacks.inference_export.InferenceExportCallback",
+        "callbacks.plain_progress.PlainProgress",
         "callbacks.prediction_writer.PredictionWriter",
         "callbacks.run_summary.RunSummary",
         "callbacks.safetensors_checkpoint.SafetensorsTopKCheckpoint",
