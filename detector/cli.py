@@ -19,6 +19,7 @@ from callbacks.plain_progress import PlainProgress
 from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+from detector.checkpoint.compat import run_cli_subcommand
 from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import DetectorDataModule
 from detector.ema import EMASchedule
@@ -133,7 +134,7 @@ class DetectorCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run it; a fit stopped by SIGTERM or Ctrl-C writes its summary and exits with 128 + signal."""
         try:
-            super()._run_subcommand(subcommand)
+            run_cli_subcommand(self, subcommand)
         except SystemExit as stop:  # SIGTERMException; Lightning's exit(1) after a KeyboardInterrupt
             callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
             summary = next((cb for cb in callbacks if isinstance(cb, RunSummary)), None)

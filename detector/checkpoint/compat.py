@@ -37,6 +37,7 @@ __all__ = [
     "local_shape_and_offset",
     "model_parallel_sizes",
     "resolve_auto_parallel_sizes",
+    "run_cli_subcommand",
     "saves_distributed_checkpoint",
     "validation_follows",
 ]
@@ -140,6 +141,18 @@ def validation_follows(trainer: Any) -> bool:
     loop = trainer.fit_loop
     fetcher = getattr(loop, "_data_fetcher", None)
     return fetcher is not None and bool(loop.epoch_loop._should_check_val_fx(fetcher))
+
+
+def run_cli_subcommand(cli: Any, subcommand: str) -> None:
+    """LightningCLI's own run of ``subcommand`` (its before/after hooks around the Trainer call).
+
+    Why: a fit stopped by SIGTERM or Ctrl-C writes its summary and exits with 128 + signal; Lightning
+    2.6's LightningCLI runs a subcommand in its private ``_run_subcommand``, which the CLI overrides to
+    catch the stop and calls back through here.
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI._run_subcommand(cli, subcommand)
 
 
 def attached_trainer(module: Any) -> Any | None:

@@ -102,7 +102,7 @@ def save_state(
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(err, OSError) and err.filename is None:  # os.write names no file: say which
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:  # name the file
             raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
