@@ -37,7 +37,7 @@ def refusal(folder: str | Path, what: str, names: Sequence[str], ways: str | Non
     ways = ways or "resume that run with `--ckpt_path last`"
     return RunFolderError(
         f"{folder} already holds {what} of another run ({shown}); nothing was written. To go on: {ways}, "
-        "or run this one in another output folder (e.g. from another directory)."
+        "or run this one in another output folder (`--trainer.default_root_dir OTHER`)."
     )
 
 

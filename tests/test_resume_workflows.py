@@ -104,7 +104,7 @@ def test_the_same_command_twice_in_one_folder_is_refused_before_anything_is_writ
         "error: outputs/checkpoints already holds checkpoints of another run (checkpoint_best_val_f1"
         ".safetensors, checkpoint_epoch_0.safetensors, checkpoint_latest.safetensors, ...); nothing was "
         "written. To go on: resume that run with `--ckpt_path last`, or run this one "
-        "in another output folder (e.g. from another directory)."
+        "in another output folder (`--trainer.default_root_dir OTHER`)."
     )
     assert _files(Path("outputs")) == before  # nothing overwritten, no new log version
 
