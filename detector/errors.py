@@ -11,16 +11,18 @@ import errno
 from collections.abc import Iterator
 
 from detector.bundle.integrity import BundleIntegrityError
+from detector.bundle.onnx import MissingExtraError
 from detector.bundle.writer import BundleExistsError
 from detector.checkpoint.tree import CheckpointFormatError
 from detector.records import DataError
 
-# Bad input or a full disk: the message names the file (and line or key) and the problem.
+# Bad input, a missing optional extra or a full disk: the message says what is wrong and where.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointFormatError,
     DataError,
     BundleIntegrityError,
     BundleExistsError,
+    MissingExtraError,
 )
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -30,14 +30,18 @@ ONNX_EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_EXTRA_INSTALL = 'pip install -e ".[onnx]"'
 
 
+class MissingExtraError(ImportError):
+    """A module of an optional extra is not installed; the message names the extra and how to install it."""
+
+
 def require_onnx() -> None:
-    """Raise ``ImportError`` naming the ``onnx`` extra when a module the ONNX export needs is missing.
+    """Raise :class:`MissingExtraError` naming the ``onnx`` extra when a module the export needs is missing.
 
     Checked before any work (a run stops before training, not at its first bundle).
     """
     missing = [name for name in ONNX_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
-        raise ImportError(
+        raise MissingExtraError(
             f"ONNX export needs {', '.join(missing)} (not installed): install the `onnx` extra with "
             f"{ONNX_EXTRA_INSTALL}, or turn the ONNX export off"
         )
