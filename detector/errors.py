@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterator
 
+from detector.backbone import PretrainedReferenceError
 from detector.bundle.integrity import BundleIntegrityError
 from detector.bundle.onnx import MissingExtraError
 from detector.bundle.writer import BundleExistsError
@@ -23,6 +24,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     BundleIntegrityError,
     BundleExistsError,
     MissingExtraError,
+    PretrainedReferenceError,
 )
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

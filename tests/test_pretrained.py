@@ -52,6 +52,18 @@ def test_bad_package_reference_names_the_package_or_folder(reference, message):
         DetectorModule(pretrained=reference)
 
 
+def test_a_missing_package_through_fit_is_one_line_naming_what_to_install(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--model.pretrained", "package:no_such_pkg_xyz/model", "--trainer.default_root_dir",
+              str(tmp_path / "run"), "--trainer.fast_dev_run", "true"])  # fmt: skip
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: model.pretrained 'package:no_such_pkg_xyz/model': Python package 'no_such_pkg_xyz' is not "
+        "installed; install it with `pip install no-such-pkg-xyz`"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_package_reference_from_the_command_line_reaches_model_and_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = build_cli(["--model.pretrained", PACKAGED], run=False)
