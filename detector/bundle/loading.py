@@ -42,13 +42,17 @@ def model_logits(model: PreTrainedModel, device: str = "cpu") -> LogitsFn:
     return logits
 
 
-def _torch_logits(bundle: Path, device: str) -> LogitsFn:
+def _from_bundle(bundle: Path, what: str, load: Callable[[Path], Any]) -> Any:
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(bundle)
+        return load(bundle)
     except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
         raise BundleIntegrityError(
-            f"{bundle}: the model could not be loaded ({type(err).__name__}: {err})"
+            f"{bundle}: the {what} could not be loaded ({type(err).__name__}: {err})"
         ) from err
+
+
+def _torch_logits(bundle: Path, device: str) -> LogitsFn:
+    model = _from_bundle(bundle, "model", AutoModelForSequenceClassification.from_pretrained)
     check_finite(model.named_parameters(), bundle / WEIGHTS_FILE)
     return model_logits(model, device)
 
@@ -161,11 +165,6 @@ def load_detector(
         logits_fn = _onnx_logits(bundle)
     else:
         raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(bundle)
-    except Exception as err:  # unverified bundles: say which bundle, whatever transformers raised
-        raise BundleIntegrityError(
-            f"{bundle}: the tokenizer could not be loaded ({type(err).__name__}: {err})"
-        ) from err
+    tokenizer = _from_bundle(bundle, "tokenizer", AutoTokenizer.from_pretrained)
     chosen = metadata["decision_threshold"] if threshold is None else threshold
     return Detector(tokenizer, logits_fn, chosen, metadata["max_length"], metadata)

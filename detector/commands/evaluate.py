@@ -21,6 +21,7 @@ import torch
 from detector.bundle.export import checkpoint_weights
 from detector.bundle.writer import read_metadata
 from detector.checkpoint.reader import load_checkpoint_state
+from detector.commands import add_no_verify
 from detector.data import EncodedDataset, pad_batch
 from detector.evaluation.baseline import train_baseline
 from detector.evaluation.report import write_report
@@ -120,11 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
     parser.add_argument("--batch-size", type=int, default=None, help="scoring batch size")
     parser.add_argument("--device", default="cpu", help="PyTorch device for the checkpoint or bundle")
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the bundle's SHA256SUMS check (a bundle edited on purpose)",
-    )
+    add_no_verify(parser)
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import IO, Any
 
 from detector.atomic import open_for_write
 from detector.bundle.loading import WINDOW_BATCHES, Detector, load_detector
+from detector.commands import add_no_verify
 
 Record = tuple[Any, str]  # (id or None, text)
 FORMATS = ("auto", "jsonl", "csv", "text")
@@ -45,11 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--id-field", default="id", help="JSONL key or CSV column of the id, copied when present"
     )
     parser.add_argument("--device", default="cpu", help="PyTorch device (torch backend)")
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="skip the bundle's SHA256SUMS check (a bundle edited on purpose)",
-    )
+    add_no_verify(parser)
     return parser
 
 
