@@ -4,7 +4,7 @@ The public API: save, load and verify a state file (:func:`save_state`, :func:`l
 :func:`verify_state`), read either layout (a full-state file or a sharded FSDP2 folder) through
 :func:`load_checkpoint_state`, plug it into a Trainer (:class:`SafetensorsCheckpointIO`,
 :class:`SafetensorsModelParallelStrategy`), keep the right files (:class:`CheckpointTracker`), capture RNGs.
-Imports only torch, NumPy, Lightning, safetensors and :mod:`detector.atomic` (a test keeps it so).
+Imports only torch, NumPy, Lightning, safetensors, xxhash and :mod:`detector.atomic` (a test keeps it so).
 """
 
 from detector.checkpoint.collective import CollectiveError
