@@ -104,3 +104,28 @@ def save_sharded_forever(path: str, first_version: int, ready: Any) -> None:
         save_sharded_state({"version": version, "w": torch.full((5_000_000,), float(version))}, path)
         ready.set()
         version += 1
+
+
+def build_cli_in(cwd: pathlib.Path, args: list[str]) -> Any:
+    """``build_cli(args)`` run from a new folder ``cwd`` (its ``outputs/`` lands there)."""
+    import pytest
+
+    from detector.cli import build_cli
+
+    cwd.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return build_cli(args)
+
+
+def final_training_state(cli: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """What an exact resume must reproduce: the weights, AdamW's state and the EMA of a finished fit."""
+    from callbacks.ema import EMACallback
+
+    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMACallback)]
+    optimizer = cli.trainer.optimizers[0].state_dict()["state"]
+    return {
+        "weights": dict(cli.model.state_dict()),
+        "optimizer": {f"{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()},
+        "ema": ema.averaged_state_dict(),
+    }

@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from callbacks.ema import EMACallback
-from detector.cli import build_cli
 from detector.demo import demo_rows
 from tests.conftest import write_jsonl
+from tests.state_helpers import build_cli_in
 
 # microsoft/deberta-v3-base's config.json, at hidden 32, 2 layers, 4 heads and a 200-piece vocabulary.
 HUB_CONFIG = {
@@ -72,10 +72,7 @@ def fit(cwd: Path, hub: Path, files: dict[str, Path], *extra: str):
         "--data.val_path", str(files["val"]), "--checkpoint.every_n_train_steps", "3",
         "--checkpoint.keep_last_steps", "-1", *extra,
     ]  # fmt: skip
-    cwd.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        return build_cli(args)
+    return build_cli_in(cwd, args)
 
 
 def test_hub_format_folder_has_the_hub_files_and_its_spm_vocabulary(hub_folder):

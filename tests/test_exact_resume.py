@@ -8,10 +8,9 @@ import pytest
 import torch
 from multi_device_helpers import tensors
 
-from callbacks.ema import EMACallback
 from detector.checkpoint.format import load_state
-from detector.cli import build_cli
 from detector.module import TRAIN_LOSS_CARRY
+from tests.state_helpers import build_cli_in, final_training_state
 
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
@@ -27,10 +26,7 @@ def fit(cwd: Path, demo_files: dict[str, Path], *extra: str):
         "--data.tokenizer_vocab_size", "200", "--checkpoint.every_n_train_steps", "1",
         "--checkpoint.keep_last_steps", "-1", *extra,
     ]  # fmt: skip
-    cwd.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        return build_cli(args)
+    return build_cli_in(cwd, args)
 
 
 def logged_losses(cwd: Path) -> dict[int, str]:
@@ -42,22 +38,12 @@ def logged_losses(cwd: Path) -> dict[int, str]:
         }
 
 
-def final_state(cli) -> dict[str, dict[str, torch.Tensor]]:
-    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMACallback)]
-    optimizer = cli.trainer.optimizers[0].state_dict()["state"]
-    return {
-        "weights": dict(cli.model.state_dict()),
-        "optimizer": {f"{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()},
-        "ema": ema.averaged_state_dict(),
-    }
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory, request):
     demo_files = request.getfixturevalue("module_demo_files")
     cwd = tmp_path_factory.mktemp("straight") / "run"
     cli = fit(cwd, demo_files)
-    return cwd, final_state(cli), logged_losses(cwd)
+    return cwd, final_training_state(cli), logged_losses(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +65,7 @@ def test_resume_from_any_step_equals_the_straight_run(tmp_path, straight, module
     shutil.copy(straight_cwd / f"outputs/checkpoints/checkpoint_step_{step}.safetensors", saved)
     cli = fit(tmp_path / "resumed", module_demo_files, "--ckpt_path", str(saved))
     assert cli.trainer.global_step == 24
-    got = final_state(cli)
+    got = final_training_state(cli)
     for part in ("weights", "optimizer", "ema"):
         assert got[part].keys() == expected[part].keys(), part
         for key, value in expected[part].items():

