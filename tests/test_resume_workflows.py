@@ -244,7 +244,7 @@ SOAK_ARGS = (
     "--trainer.callbacks+", _export(every_n_epochs=1, keep_last=1, monitor="val_loss", mode="min"),
 )  # fmt: skip
 SOAK_KILLS = [
-    {"where": "detector.bundle.writer._fsync_tree"},  # inside the first bundle write, before its rename
+    {"where": "detector.atomic.fsync_tree", "match": ".model_v"},  # in the first bundle write, pre-rename
     # the second time `best` moves (the metric still improving), after its link, before `latest`'s
     {"where": "callbacks.safetensors_checkpoint.atomic_link", "match": "best", "nth": 2, "when": "after"},
     {"where": "shutil.rmtree", "match": ".model_v"},  # inside a rotation: renamed away, not yet deleted
