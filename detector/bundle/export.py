@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.atomic import remove_path
+from detector.atomic import fsync_dir, remove_path
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import METADATA_FILE, write_bundle
 from detector.checkpoint.reader import load_checkpoint_state
@@ -142,6 +142,7 @@ def retire_final(root: str | Path, version: str, run_id: str, step: int) -> tupl
         remove_bundle(final)
         return False, None
     os.rename(final, root / kept)
+    fsync_dir(root)  # the rename survives a power loss, as every other commit here does
     return False, kept
 
 
