@@ -16,6 +16,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -39,33 +40,32 @@ def free_port() -> int:
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a moto S3 server started for this test session and stopped after it."""
     port = free_port()
-    log = tempfile.TemporaryFile()
     command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield wait_until_up(f"http://127.0.0.1:{port}", server, log)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+def wait_until_up(endpoint: str, server: subprocess.Popen, log: Any) -> str:
     deadline = time.monotonic() + 60
     while True:
         try:
             urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2).close()
-            break
+            return endpoint
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
                 log.seek(0)
-                pytest.fail(
-                    f"the moto S3 server did not start: {log.read().decode(errors='replace')[-2000:]}"
-                )
+                output = log.read().decode(errors="replace")[-2000:]
+                pytest.fail(f"the moto S3 server did not start: {output}")
             time.sleep(0.1)
-    try:
-        yield endpoint
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 def clear_s3fs_cache() -> None:
