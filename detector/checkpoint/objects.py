@@ -196,6 +196,15 @@ def delete_unreferenced(
     return [f"{STATES_FOLDER}/{p.rsplit('/', 1)[-1]}" for p in gone]
 
 
+def stored_bytes(dirpath: str, storage_options: Mapping[str, Any] | None = None) -> int:
+    """Bytes of the state objects of checkpoint folder ``dirpath`` (each stored once, whatever its names)."""
+    url = join(dirpath, STATES_FOLDER)
+    with reaching(url):
+        fs, path = filesystem(url, storage_options)
+        fs.invalidate_cache(path)
+        return int(sum(fs.du(path, total=False).values())) if fs.exists(path) else 0
+
+
 def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The URL of the object holding checkpoint ``url``: its folder's manifest entry if any, else itself."""
     parent, name = _split(url)

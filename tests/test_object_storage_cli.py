@@ -1,0 +1,81 @@
+"""`python -m detector` with checkpoints on a real S3 server: fit, resume (bitwise exact), the tool verbs."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from s3_helpers import s3fs_client
+
+from detector.checkpoint import objects
+from detector.checkpoint.reader import load_checkpoint_state
+from tests.state_helpers import build_cli_in, final_training_state
+
+TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
+EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
+
+
+def fit(cwd: Path, demo_files: dict[str, Path], dirpath: str, *extra: str):
+    args = [
+        "fit", "--trainer.max_epochs", "2", "--trainer.deterministic", "true",
+        "--trainer.enable_progress_bar", "false", "--trainer.callbacks", EMA, "--model.arch", TINY,
+        "--data.batch_size", "16", "--data.train_path", str(demo_files["train"]),
+        "--data.val_path", str(demo_files["val"]), "--data.tokenizer_root", str(cwd.parent / "tokenizer"),
+        "--data.tokenizer_vocab_size", "200", "--checkpoint.dirpath", dirpath, *extra,
+    ]  # fmt: skip
+    return build_cli_in(cwd, args)
+
+
+def assert_same_training_state(got: dict, expected: dict) -> None:
+    for part in ("weights", "optimizer", "ema"):
+        assert got[part].keys() == expected[part].keys(), part
+        for key, value in expected[part].items():
+            assert torch.equal(got[part][key], value), f"{part}: {key}"
+
+
+@pytest.mark.slow
+def test_fit_on_s3_names_its_checkpoints_in_the_manifest_and_resumes_bitwise_exact(s3, tmp_path, demo_files):
+    dirpath = f"{s3}/runs/a"
+    straight = fit(tmp_path / "straight", demo_files, dirpath, "--checkpoint.every_n_train_steps", "3",
+                   "--checkpoint.keep_last_steps", "-1", "--checkpoint.save_top_k", "1")  # fmt: skip
+    assert straight.trainer.global_step == 12  # 96 rows, batches of 16, 2 epochs
+    expected = final_training_state(straight)
+    manifest = objects.read_manifest(dirpath)
+    tracker = straight.trainer.checkpoint_callback.tracker
+    (top,) = [r.name for r in tracker.top_k.kept]
+    assert sorted(manifest) == sorted(
+        [
+            "checkpoint_latest.safetensors", "checkpoint_best_val_f1.safetensors", top,
+            "checkpoint_epoch_1.safetensors", *(f"checkpoint_step_{s}.safetensors" for s in (3, 6, 9, 12)),
+        ]
+    )  # fmt: skip
+    stored = {p.rsplit("/", 1)[-1] for p in s3fs_client().find(f"{dirpath}/states")}
+    assert stored == {
+        key.removeprefix("states/") for key in manifest.values()
+    }  # each state once, none orphaned
+    assert load_checkpoint_state(f"{dirpath}/checkpoint_latest.safetensors")["global_step"] == 12
+
+    # Mid-epoch (step 3 of 6 an epoch), straight from the bucket.
+    resumed = fit(tmp_path / "resumed", demo_files, f"{s3}/runs/b",
+                  "--ckpt_path", f"{dirpath}/checkpoint_step_3.safetensors")  # fmt: skip
+    assert resumed.trainer.global_step == 12
+    assert_same_training_state(final_training_state(resumed), expected)
+
+    # Stopped by SIGTERM at step 4 (it saves latest), then `--ckpt_path last` from the bucket folder.
+    dirpath = f"{s3}/runs/c"
+    stop_at = json.dumps({"class_path": "tests.kill_helpers.SignalAt", "init_args": {"step": 4}})
+    with pytest.raises(SystemExit) as stop:
+        fit(tmp_path / "stopped", demo_files, dirpath, "--trainer.callbacks+", stop_at)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint_state(f"{dirpath}/checkpoint_latest.safetensors")["global_step"] == 4
+    resumed = fit(tmp_path / "resumed_last", demo_files, dirpath, "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 12
+    assert_same_training_state(final_training_state(resumed), expected)
+    summary = json.loads((tmp_path / "resumed_last/outputs/summary.json").read_text())
+    assert summary["checkpoints"]["dirpath"] == dirpath
+    assert summary["checkpoints"]["best"]["path"] == f"{dirpath}/checkpoint_best_val_f1.safetensors"
+    sizes = s3fs_client().du(f"{dirpath}/states", total=False)
+    assert summary["checkpoints"]["disk_bytes"] == sum(sizes.values()) > 0
