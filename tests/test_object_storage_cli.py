@@ -79,3 +79,68 @@ def test_fit_on_s3_names_its_checkpoints_in_the_manifest_and_resumes_bitwise_exa
     assert summary["checkpoints"]["best"]["path"] == f"{dirpath}/checkpoint_best_val_f1.safetensors"
     sizes = s3fs_client().du(f"{dirpath}/states", total=False)
     assert summary["checkpoints"]["disk_bytes"] == sum(sizes.values()) > 0
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m detector ARGS`` in-process: exit status, stdout, stderr."""
+    from detector.__main__ import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as stop:
+        code = int(stop.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_fit_resume_export_score_evaluate_round_trip_on_s3(s3, tmp_path, demo_files, capsys):
+    dirpath, models = f"{s3}/run/checkpoints", f"{s3}/run/models"
+    fit(tmp_path / "first", demo_files, dirpath, "--trainer.max_epochs", "1")
+    fit(tmp_path / "second", demo_files, dirpath, "--ckpt_path", "last")
+    latest = f"{dirpath}/checkpoint_latest.safetensors"
+    assert load_checkpoint_state(latest)["global_step"] == 12
+    capsys.readouterr()
+
+    code, out, _ = run(["checkpoints", "list", dirpath], capsys)
+    assert code == 0 and out.splitlines()[0].split()[:4] == ["file", "epoch", "step", "size"]
+    assert {line.split()[0] for line in out.splitlines()[1:]} == set(objects.read_manifest(dirpath))
+    code, out, _ = run(["checkpoints", "verify", latest], capsys)
+    assert (code, out) == (0, f"OK     {latest}\n")
+    code, out, _ = run(["checkpoints", "show", latest], capsys)
+    assert code == 0 and out.startswith(f"{latest}: format v1")
+
+    code, out, err = run(["export", latest, "--out", models, "--val-data", str(demo_files["val"])], capsys)
+    assert code == 0, err
+    bundle = out.strip()
+    assert bundle == f"{models}/model_v1.0_epoch1"
+    fs = s3fs_client()
+    files = {p.removeprefix(bundle.removeprefix("s3://") + "/") for p in fs.find(bundle)}
+    assert {"SHA256SUMS", "model.safetensors", "config.json", "training_metadata.json"} <= files
+    assert json.loads(fs.cat_file(f"{bundle}/training_metadata.json"))["checkpoint"] == latest
+
+    code, out, err = run(["score", bundle, str(demo_files["test"])], capsys)
+    assert code == 0, err
+    scored = [json.loads(line) for line in out.splitlines()]
+    assert len(scored) == 32 and all(0 <= row["prob_machine"] <= 1 for row in scored)
+    # The same bundle on disk scores the same texts identically.
+    local = tmp_path / "bundle"
+    fs.get(bundle + "/", str(local) + "/", recursive=True)
+    code, out, _ = run(["score", str(local), str(demo_files["test"])], capsys)
+    assert [json.loads(line) for line in out.splitlines()] == scored
+
+    report = tmp_path / "report"
+    for model in (["--bundle", bundle], ["--checkpoint", latest]):
+        code, _, err = run(
+            ["evaluate", "--data", str(demo_files["test"]), "--out", str(report), *model], capsys
+        )
+        assert code == 0, err
+
+    # The export is refused once the bundle is there; nothing changes.
+    code, _, err = run(["export", latest, "--out", models], capsys)
+    assert (
+        code == 2
+        and err.startswith(f"detector export: error: bundle {bundle} exists")
+        and err.count("\n") == 1
+    )

@@ -225,7 +225,7 @@ def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
 
 
 @functools.cache
-def _download_folder() -> Path:
+def download_folder() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="detector-objects-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
@@ -254,7 +254,7 @@ def local_copy(url: str, storage_options: Mapping[str, Any] | None = None) -> Pa
         cached = _copies.get((target, version))
         if cached is not None and cached.exists():
             return cached
-        local = _download_folder() / uuid.uuid4().hex / target.rsplit("/", 1)[-1]
+        local = download_folder() / uuid.uuid4().hex / target.rsplit("/", 1)[-1]
         local.parent.mkdir()
         fs.get_file(path, str(local))
     _copies[(target, version)] = local
