@@ -137,3 +137,43 @@ def test_only_remote_urls_go_to_the_object_store():
         False,
         False,
     ]
+
+
+def test_fit_into_a_missing_bucket_is_refused_before_training_in_one_line(s3, tmp_path, demo_files, capsys):
+    from detector.__main__ import main
+
+    data = ["--data.train_path", str(demo_files["train"]), "--data.val_path", str(demo_files["val"])]
+    where = ["--checkpoint.dirpath", "s3://no-such-bucket/run", "--trainer.default_root_dir", str(tmp_path)]
+    args = ["fit", *data, *where]
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: s3://no-such-bucket/run: the bucket 'no-such-bucket' does not exist or these credentials "
+        "cannot see it; create it, or point the URL (and the endpoint/credentials) at one that does\n"
+    )
+    assert not (tmp_path / "logs").exists()
+
+
+def test_missing_credentials_give_one_line_naming_the_url(s3, monkeypatch, capsys):
+    from s3_helpers import clear_s3fs_cache
+
+    from detector.__main__ import main
+
+    objects.save_state_to_url({"step": 1}, f"{s3}/ckpt/a.safetensors")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    clear_s3fs_cache()
+    url = f"{s3}/ckpt/a.safetensors"
+    for args, named in (
+        (["score", f"{s3}/models/model_v1.0_final", "-"], f"{s3}/models/model_v1.0_final"),
+        (["checkpoints", "verify", url], f"{s3}/ckpt/checkpoints.json"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 1
+        out, err = capsys.readouterr()
+        line = out + err  # score: "error: ..." on stderr; verify: "FAILED ..." on stdout
+        assert f"{named}: the object store refused or could not be reached: " in line
+        assert line.endswith("Unable to locate credentials\n") and line.count("\n") == 1

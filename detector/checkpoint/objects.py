@@ -108,7 +108,6 @@ def save_state_to_url(
     header = header[:digits_at] + digest.encode("ascii") + header[digits_at + len(digest) :]
     with reaching(url):
         fs, path = filesystem(url, storage_options)
-        fs.makedirs(fs._parent(path), exist_ok=True)
         upload = fs.open(path, "wb", block_size=PART_BYTES)
         try:
             upload.write(header)
@@ -147,6 +146,7 @@ def read_manifest(dirpath: str, storage_options: Mapping[str, Any] | None = None
         try:
             raw = fs.cat_file(path)
         except FileNotFoundError:
+            _check_bucket(fs, path, dirpath)
             return {}
     try:
         manifest = json.loads(raw)
@@ -156,6 +156,17 @@ def read_manifest(dirpath: str, storage_options: Mapping[str, Any] | None = None
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointFormatError(f"{url}: not a checkpoint manifest ({error})") from None
     return {str(k): str(v) for k, v in names.items()}
+
+
+def _check_bucket(fs: Any, path: str, url: str) -> None:
+    """Refuse a folder whose bucket is missing (before training, not at the first save)."""
+    bucket = path.split("/", 1)[0]
+    fs.invalidate_cache(bucket)
+    if not fs.exists(bucket):
+        raise ObjectStoreError(
+            f"{url}: the bucket {bucket!r} does not exist or these credentials cannot see it; "
+            "create it, or point the URL (and the endpoint/credentials) at one that does"
+        )
 
 
 def write_manifest(
