@@ -18,7 +18,7 @@ from detector.checkpoint.objects import ObjectStoreError
 from detector.checkpoint.tree import CheckpointFormatError
 from detector.records import DataError
 
-# Bad input, a missing optional extra, an unreachable object store or a full disk: the message says what is wrong and where.
+# Bad input, a missing extra, an unreachable object store or a full disk: the message says what and where.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointFormatError,
     DataError,

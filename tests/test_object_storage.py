@@ -177,3 +177,12 @@ def test_missing_credentials_give_one_line_naming_the_url(s3, monkeypatch, capsy
         line = out + err  # score: "error: ..." on stderr; verify: "FAILED ..." on stdout
         assert f"{named}: the object store refused or could not be reached: " in line
         assert line.endswith("Unable to locate credentials\n") and line.count("\n") == 1
+
+
+def test_the_export_callback_refuses_an_object_store_folder_naming_the_export_command():
+    from callbacks.inference_export import InferenceExportCallback
+
+    with pytest.raises(
+        ValueError, match=r"^dirpath 's3://b/models': .* `python -m detector export CHECKPOINT"
+    ):
+        InferenceExportCallback(dirpath="s3://b/models")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,19 +17,23 @@ from detector.checkpoint import objects
 from detector.checkpoint.reader import load_checkpoint_state
 from tests.state_helpers import build_cli_in, final_training_state
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = '{"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}'
 EMA = '[{"class_path": "callbacks.ema.EMACallback", "init_args": {"decay": 0.9, "warmup": true}}]'
 
 
 def fit(cwd: Path, demo_files: dict[str, Path], dirpath: str, *extra: str):
-    args = [
+    return build_cli_in(cwd, fit_args(cwd, demo_files, dirpath, *extra))
+
+
+def fit_args(cwd: Path, demo_files: dict[str, Path], dirpath: str, *extra: str) -> list[str]:
+    return [
         "fit", "--trainer.max_epochs", "2", "--trainer.deterministic", "true",
         "--trainer.enable_progress_bar", "false", "--trainer.callbacks", EMA, "--model.arch", TINY,
         "--data.batch_size", "16", "--data.train_path", str(demo_files["train"]),
         "--data.val_path", str(demo_files["val"]), "--data.tokenizer_root", str(cwd.parent / "tokenizer"),
         "--data.tokenizer_vocab_size", "200", "--checkpoint.dirpath", dirpath, *extra,
     ]  # fmt: skip
-    return build_cli_in(cwd, args)
 
 
 def assert_same_training_state(got: dict, expected: dict) -> None:
@@ -144,3 +151,35 @@ def test_fit_resume_export_score_evaluate_round_trip_on_s3(s3, tmp_path, demo_fi
         and err.startswith(f"detector export: error: bundle {bundle} exists")
         and err.count("\n") == 1
     )
+
+
+@pytest.mark.slow
+def test_a_writer_killed_mid_upload_leaves_latest_loadable_and_a_resume_goes_on(s3, tmp_path, demo_files):
+    dirpath = f"{s3}/run/checkpoints"
+    # Killed while the step-4 state is being fed to its upload (the step-2 one is named `latest`).
+    kill = {
+        "where": "detector.checkpoint.objects._send",
+        "nth": 3,  # the name also matches `exp_avg_sq`: two calls a save; the 3rd is step 4's `exp_avg`
+        "match": "optimizer_states.0.state.0.exp_avg",
+    }
+    killer = json.dumps({"class_path": "tests.kill_helpers.KillAt", "init_args": kill})
+    child = tmp_path / "killed"
+    child.mkdir()
+    every = ("--trainer.max_epochs", "1", "--checkpoint.every_n_train_steps", "2")
+    args = [
+        sys.executable,
+        "-m",
+        "detector",
+        *fit_args(child, demo_files, dirpath, *every, "--trainer.callbacks+", killer),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, cwd=child, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == -signal.SIGKILL, (done.stdout + done.stderr)[-3000:]
+    manifest = objects.read_manifest(dirpath)
+    assert sorted(manifest) == ["checkpoint_latest.safetensors", "checkpoint_step_2.safetensors"]
+    stored = {p.rsplit("/", 1)[-1] for p in s3fs_client().find(f"{dirpath}/states")}
+    assert stored == {manifest["checkpoint_latest.safetensors"].removeprefix("states/")}  # nothing torn
+    assert load_checkpoint_state(f"{dirpath}/checkpoint_latest.safetensors")["global_step"] == 2
+    resumed = fit(tmp_path / "resumed", demo_files, dirpath, *every, "--ckpt_path", "last")
+    assert resumed.trainer.global_step == 6
+    assert "checkpoint_step_6.safetensors" in objects.read_manifest(dirpath)

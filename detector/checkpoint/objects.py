@@ -112,12 +112,17 @@ def save_state_to_url(
         try:
             upload.write(header)
             for info in infos:
-                for _, piece in pieces(byte_view(tensors[info.name])):
-                    upload.write(piece)
+                _send(upload, info.name, tensors[info.name])
         except BaseException:
             _abort(upload, fs, path)
             raise
         upload.close()
+
+
+def _send(upload: Any, name: str, tensor: Any) -> None:
+    """Feed one tensor's bytes to the upload (a part goes out each time ``PART_BYTES`` are buffered)."""
+    for _, piece in pieces(byte_view(tensor)):
+        upload.write(piece)
 
 
 def _nothing() -> None:
