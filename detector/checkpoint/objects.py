@@ -143,15 +143,21 @@ def _abort(upload: Any, fs: Any, path: str) -> None:
 # ---- the manifest -----------------------------------------------------------------------------------
 
 
-def read_manifest(dirpath: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The manifest of checkpoint folder ``dirpath``: checkpoint name -> object key (relative to it)."""
+def read_manifest(
+    dirpath: str, storage_options: Mapping[str, Any] | None = None, check_bucket: bool = True
+) -> dict[str, str]:
+    """The manifest of checkpoint folder ``dirpath``: checkpoint name -> object key (relative to it).
+
+    Without one, ``check_bucket`` (one more request) refuses a missing bucket with an ObjectStoreError.
+    """
     url = join(dirpath, MANIFEST_NAME)
     with reaching(url):
         fs, path = filesystem(url, storage_options)
         try:
             raw = fs.cat_file(path)
         except FileNotFoundError:
-            _check_bucket(fs, path, dirpath)
+            if check_bucket:
+                _check_bucket(fs, path, dirpath)
             return {}
     try:
         manifest = json.loads(raw)
@@ -224,7 +230,7 @@ def stored_bytes(dirpath: str, storage_options: Mapping[str, Any] | None = None)
 def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """The URL of the object holding checkpoint ``url``: its folder's manifest entry if any, else itself."""
     parent, name = _split(url)
-    key = read_manifest(parent, storage_options).get(name) if parent else None
+    key = read_manifest(parent, storage_options, check_bucket=False).get(name) if parent else None
     return join(parent, key) if key else url
 
 
