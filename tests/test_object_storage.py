@@ -186,3 +186,27 @@ def test_the_export_callback_refuses_an_object_store_folder_naming_the_export_co
         ValueError, match=r"^dirpath 's3://b/models': .* `python -m detector export CHECKPOINT"
     ):
         InferenceExportCallback(dirpath="s3://b/models")
+
+
+def test_a_bundle_upload_cut_short_is_not_a_bundle_and_a_corrupt_file_is_named_by_url(s3, saved_bundle):
+    from detector.bundle.integrity import BundleIntegrityError
+    from detector.bundle.loading import load_detector
+    from detector.bundle.remote import upload_bundle
+
+    fs = s3fs_client()
+    url = f"{s3}/models/{saved_bundle.name}"
+    # Every file but the marker, as a killed upload leaves them.
+    for file in sorted(p for p in saved_bundle.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        fs.put_file(str(file), f"{url}/{file.relative_to(saved_bundle).as_posix()}")
+    with pytest.raises(BundleIntegrityError, match=rf"^{url}/SHA256SUMS: missing, so {url} is not a bundle"):
+        load_detector(url)
+    assert upload_bundle(saved_bundle, url) == url  # the leftovers are replaced
+    detector = load_detector(url)
+    assert detector.score(["a text"])[0].keys() >= {"prob_machine", "label"}
+    with pytest.raises(FileExistsError, match=rf"^bundle {url} exists"):
+        upload_bundle(saved_bundle, url)
+    data = bytearray(fs.cat_file(f"{url}/config.json"))
+    data[5] ^= 0x01
+    fs.pipe_file(f"{url}/config.json", bytes(data))
+    with pytest.raises(BundleIntegrityError, match=rf"^{url}/config.json: SHA-256 mismatch"):
+        load_detector(url)

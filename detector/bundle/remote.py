@@ -27,21 +27,28 @@ MARKER = MANIFEST_FILE
 _copies: dict[tuple[str, str], Path] = {}
 
 
-def _marker_version(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
-    """The ETag of the bundle's marker, or None when it has none (no bundle, or an unfinished upload)."""
+def _version(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    """The bundle's files and their ETags (one LIST), or None without a marker (no bundle, or an
+    unfinished upload)."""
     with reaching(url):
-        fs, path = filesystem(join(url, MARKER), storage_options)
+        fs, path = filesystem(url, storage_options)
         fs.invalidate_cache(path)
         try:
-            info = fs.info(path)
+            found = fs.find(path, detail=True)
         except FileNotFoundError:
             return None
-        return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+    if f"{path.rstrip('/')}/{MARKER}" not in found:
+        return None
+    tags = (
+        str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+        for info in found.values()
+    )
+    return repr(sorted(zip(found, tags, strict=True)))
 
 
 def is_complete(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether the bundle at ``url`` has its marker: its upload completed."""
-    return _marker_version(url, storage_options) is not None
+    return _version(url, storage_options) is not None
 
 
 def upload_bundle(local: Path, url: str, storage_options: Mapping[str, Any] | None = None) -> str:
@@ -78,7 +85,7 @@ def download_bundle(url: str, storage_options: Mapping[str, Any] | None = None) 
             has not completed).
     """
     url = url.rstrip("/")
-    version = _marker_version(url, storage_options)
+    version = _version(url, storage_options)
     if version is None:
         raise BundleIntegrityError(
             f"{join(url, MARKER)}: missing, so {url} is not a bundle or its upload has not completed"
