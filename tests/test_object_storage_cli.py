@@ -183,3 +183,30 @@ def test_a_writer_killed_mid_upload_leaves_latest_loadable_and_a_resume_goes_on(
     resumed = fit(tmp_path / "resumed", demo_files, dirpath, *every, "--ckpt_path", "last")
     assert resumed.trainer.global_step == 6
     assert "checkpoint_step_6.safetensors" in objects.read_manifest(dirpath)
+
+
+@pytest.mark.slow
+def test_async_save_to_s3_names_each_state_after_its_upload(s3, tmp_path, demo_files):
+    dirpath = f"{s3}/run/checkpoints"
+    every = (
+        "--trainer.max_epochs",
+        "1",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--checkpoint.keep_last_steps",
+        "2",
+    )
+    cli = fit(tmp_path / "run", demo_files, dirpath, *every, "--checkpoint.async_save", "true")
+    manifest = objects.read_manifest(dirpath)
+    (top,) = [r.name for r in cli.trainer.checkpoint_callback.tracker.top_k.kept]
+    assert sorted(manifest) == sorted(
+        [
+            "checkpoint_best_val_f1.safetensors", "checkpoint_epoch_0.safetensors",
+            "checkpoint_latest.safetensors", "checkpoint_step_4.safetensors",
+            "checkpoint_step_6.safetensors", top,
+        ]
+    )  # fmt: skip
+    stored = {p.rsplit("/", 1)[-1] for p in s3fs_client().find(f"{dirpath}/states")}
+    assert stored == {key.removeprefix("states/") for key in manifest.values()}
+    assert len(stored) == 2  # step 4's state, and step 6's under its other five names
+    assert load_checkpoint_state(f"{dirpath}/checkpoint_latest.safetensors")["global_step"] == 6
