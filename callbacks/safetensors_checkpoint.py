@@ -21,7 +21,7 @@ from detector.checkpoint.format import save_state
 from detector.checkpoint.interrupt import GracefulSigint
 from detector.checkpoint.monitor import monitored_metrics
 from detector.checkpoint.object_folder import ObjectCheckpointFolder
-from detector.checkpoint.objects import is_url, save_state_to_url
+from detector.checkpoint.objects import is_url, local, save_state_to_url
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.checkpoint.reclaim import wait_reclaimed
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -118,7 +118,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         # None: `<trainer.default_root_dir>/checkpoints`, resolved in setup (as Lightning's ModelCheckpoint).
         self._dirpath_given = dirpath is not None
         self.storage_options = storage_options
-        self.dirpath: Path | str = Path(dirpath if dirpath is not None else "outputs/checkpoints")
+        self.dirpath: Path | str = Path(local(dirpath) if dirpath is not None else "outputs/checkpoints")
         self._objects: ObjectCheckpointFolder | None = None
         if is_url(dirpath):
             self.dirpath = str(dirpath).rstrip("/")

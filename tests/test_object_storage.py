@@ -210,3 +210,13 @@ def test_a_bundle_upload_cut_short_is_not_a_bundle_and_a_corrupt_file_is_named_b
     fs.pipe_file(f"{url}/config.json", bytes(data))
     with pytest.raises(BundleIntegrityError, match=rf"^{url}/config.json: SHA-256 mismatch"):
         load_detector(url)
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
+    from detector.checkpoint.plugin import SafetensorsCheckpointIO
+
+    assert SafetensorsTopKCheckpoint(dirpath=f"file://{tmp_path}/ckpt").dirpath == tmp_path / "ckpt"
+    SafetensorsCheckpointIO().save_checkpoint({"step": 3}, f"file://{tmp_path}/a.safetensors")
+    assert load_checkpoint_state(f"file://{tmp_path}/a.safetensors") == {"step": 3}
+    assert (tmp_path / "a.safetensors").is_file()

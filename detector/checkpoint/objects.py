@@ -48,6 +48,13 @@ def is_url(path: Any) -> bool:
     return isinstance(path, str) and split_protocol(path)[0] not in _LOCAL_PROTOCOLS
 
 
+def local(path: Any) -> Any:
+    """``path`` without a ``file://`` scheme (a local path as the filesystem sees it); else unchanged."""
+    if isinstance(path, str) and split_protocol(path)[0] in ("file", "local"):
+        return split_protocol(path)[1]
+    return path
+
+
 def join(url: str, *names: str) -> str:
     """``url/name/...`` with exactly one slash between parts."""
     return "/".join([url.rstrip("/"), *(name.strip("/") for name in names)])
@@ -66,7 +73,7 @@ def reaching(url: str) -> Iterator[None]:
     except (CheckpointFormatError, ObjectStoreError, FileNotFoundError):
         raise
     except Exception as error:
-        if isinstance(error, OSError | PermissionError) or type(error).__module__.split(".")[0] in (
+        if isinstance(error, OSError) or type(error).__module__.split(".")[0] in (
             "botocore",
             "aiobotocore",
             "s3fs",
@@ -292,13 +299,13 @@ def through_local_copy(function: Callable[..., _Result]) -> Callable[..., _Resul
         path: Any, *args: Any, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> _Result:
         if not is_url(path):
-            return function(path, *args, **kwargs)
-        local = local_copy(path, storage_options)
+            return function(local(path), *args, **kwargs)
+        copy = local_copy(path, storage_options)
         try:
-            return function(local, *args, **kwargs)
+            return function(copy, *args, **kwargs)
         except CheckpointFormatError as error:
             url = resolve(path, storage_options)
-            raise CheckpointFormatError(str(error).replace(str(local), url)) from None
+            raise CheckpointFormatError(str(error).replace(str(copy), url)) from None
 
     return wrapper
 

@@ -27,7 +27,7 @@ from detector.atomic import fsync_dir, remove_path
 from detector.checkpoint.compat import PathLike as _PATH
 from detector.checkpoint.compat import build_module_from_checkpoint
 from detector.checkpoint.format import CheckpointFormatError, save_state
-from detector.checkpoint.objects import is_url, remove, save_state_to_url
+from detector.checkpoint.objects import is_url, local, remove, save_state_to_url
 from detector.checkpoint.reader import load_checkpoint_state
 
 _Module = TypeVar("_Module", bound="pl.LightningModule")
@@ -66,7 +66,7 @@ class SafetensorsCheckpointIO(CheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} takes storage_options for URLs only, got {storage_options!r}"
             )
-        path = Path(path)
+        path = Path(local(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_state(checkpoint, path)
 
