@@ -20,7 +20,7 @@ from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.compat import run_cli_subcommand
-from detector.checkpoint.objects import is_url
+from detector.checkpoint.objects import is_url, local
 from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import DetectorDataModule
 from detector.ema import EMASchedule
@@ -281,6 +281,7 @@ def verified_header(ckpt_path: str | Path) -> dict[str, Any]:
     if is_url(ckpt_path):  # read from a local copy, downloaded once per object version
         verify_checkpoint(ckpt_path)
         return read_checkpoint_header(ckpt_path)
+    ckpt_path = local(ckpt_path)
     info = Path(ckpt_path).stat()
     return _verified(str(ckpt_path), info.st_size, info.st_mtime_ns)
 

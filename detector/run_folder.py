@@ -52,7 +52,7 @@ def checkpoint_exists(path: str | Path, storage_options: Mapping[str, Any] | Non
     """Whether ``path`` is a checkpoint file, a sharded folder, or a checkpoint on an object store."""
     if objects.is_url(path):
         return objects.exists(str(path), storage_options)
-    return Path(path).exists()
+    return Path(objects.local(path)).exists()
 
 
 def resolve_last(dirpath: str | Path, storage_options: Mapping[str, Any] | None = None) -> str:

@@ -220,3 +220,9 @@ def test_file_urls_are_local_paths(tmp_path):
     SafetensorsCheckpointIO().save_checkpoint({"step": 3}, f"file://{tmp_path}/a.safetensors")
     assert load_checkpoint_state(f"file://{tmp_path}/a.safetensors") == {"step": 3}
     assert (tmp_path / "a.safetensors").is_file()
+    from detector.cli import verified_header
+    from detector.run_folder import checkpoint_exists
+
+    assert checkpoint_exists(f"file://{tmp_path}/a.safetensors")
+    assert not checkpoint_exists(f"file://{tmp_path}/b.safetensors")
+    assert verified_header(f"file://{tmp_path}/a.safetensors")["state"] == {"step": 3}
