@@ -46,13 +46,15 @@ class SafetensorsCheckpointIO(CheckpointIO):
 
     A URL of a remote filesystem (``s3://bucket/prefix/name.safetensors``, any fsspec URL) is uploaded as
     one object, and read from a verified local copy (:mod:`detector.checkpoint.objects`).
-
-    Args:
-        storage_options: fsspec options for URLs (endpoint, credentials, ...) when a save passes none,
-            and for every load; ``None``: the environment's and the config files', as s3fs/gcsfs read them.
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+        """Set the fsspec options for URLs.
+
+        Args:
+            storage_options: fsspec options for URLs (endpoint, credentials, ...) when a save passes none,
+                and for every load; ``None``: the environment's and config files', as s3fs/gcsfs read them.
+        """
         self.storage_options = storage_options
 
     @override
