@@ -32,6 +32,7 @@ from detector.bundle.onnx import require_onnx
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import write_bundle
 from detector.checkpoint.monitor import improves, monitored_metrics
+from detector.checkpoint.objects import is_url
 from detector.run_folder import refusal
 
 
@@ -97,6 +98,11 @@ class InferenceExportCallback(Callback):
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if not 0.0 <= target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        if is_url(dirpath):  # its retention renames and links bundle folders: a local disk's operations
+            raise ValueError(
+                f"dirpath {dirpath!r}: this callback keeps its bundles in a local folder; upload one to "
+                f"object storage with `python -m detector export CHECKPOINT --out {dirpath}`"
+            )
         # None: `<trainer.default_root_dir>/models/inference`, resolved in setup.
         self._dirpath_given = dirpath is not None
         if onnx:

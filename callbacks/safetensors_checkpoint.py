@@ -20,6 +20,8 @@ from detector.checkpoint.compat import dump_checkpoint, validation_follows
 from detector.checkpoint.format import save_state
 from detector.checkpoint.interrupt import GracefulSigint
 from detector.checkpoint.monitor import monitored_metrics
+from detector.checkpoint.object_folder import ObjectCheckpointFolder
+from detector.checkpoint.objects import is_url, local, save_state_to_url
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.checkpoint.reclaim import wait_reclaimed
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -62,6 +64,11 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     buffers reused from save to save (one state's worth of memory while training), one write in flight; links
     and deletions follow the commit; a failed write raises at the next save or at the end of fit.
 
+    ``dirpath`` may be a URL of an object store (``s3://bucket/prefix``, ``gs://...``, any fsspec URL;
+    ``file://`` and plain paths are local folders): each state is then uploaded once as a new object
+    and its names live in a manifest object written after the upload completes; objects no name points
+    at are deleted after that (:mod:`detector.checkpoint.object_folder`). Sharded checkpoints stay local.
+
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
 
     Args:
@@ -75,6 +82,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         keep_last_steps: how many step files to keep, newest first (-1: all).
         async_save: write in a background thread after a CPU snapshot (full-state files only).
         save_on_interrupt: save ``checkpoint_latest`` on SIGTERM or a first Ctrl-C before stopping.
+        storage_options: fsspec options for a URL ``dirpath`` (``endpoint_url``, ``key``, ``secret``,
+            ``client_kwargs``, ...); unset: the environment's and the config files', as s3fs/gcsfs read them.
 
     Example:
         .. code-block:: yaml
@@ -98,6 +107,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         keep_last_steps: int = 1,
         async_save: bool = False,
         save_on_interrupt: bool = True,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"monitor must name a logged metric, got {monitor!r}")
@@ -107,7 +117,12 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self._tracker = CheckpointTracker(mode, save_top_k, keep_last_epochs, keep_last_steps)
         # None: `<trainer.default_root_dir>/checkpoints`, resolved in setup (as Lightning's ModelCheckpoint).
         self._dirpath_given = dirpath is not None
-        self.dirpath = Path(dirpath if dirpath is not None else "outputs/checkpoints")
+        self.storage_options = storage_options
+        self.dirpath: Path | str = Path(local(dirpath) if dirpath is not None else "outputs/checkpoints")
+        self._objects: ObjectCheckpointFolder | None = None
+        if is_url(dirpath):
+            self.dirpath = str(dirpath).rstrip("/")
+            self._objects = ObjectCheckpointFolder(self.dirpath, storage_options)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.every_n_train_steps = every_n_epochs, every_n_train_steps
         self.async_save, self.save_on_interrupt = async_save, save_on_interrupt
@@ -129,12 +144,14 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     @property
     def best_model_path(self) -> str:
         """The best checkpoint's path (what ``trainer.test(ckpt_path="best")`` loads), or ``""``."""
-        return "" if self._tracker.best is None else str(self.dirpath / best_name(self.monitor))
+        return "" if self._tracker.best is None else self._url(best_name(self.monitor))
 
     @property
     def last_model_path(self) -> str:
         """``dirpath/checkpoint_latest`` if it exists, else ``""``: what ``--ckpt_path last`` resumes."""
-        latest = self.dirpath / LATEST_NAME
+        if self._objects is not None:
+            return self._url(LATEST_NAME) if LATEST_NAME in self._objects.names() else ""
+        latest = Path(self.dirpath) / LATEST_NAME
         return str(latest) if latest.exists() else ""
 
     @property
@@ -169,23 +186,35 @@ class SafetensorsTopKCheckpoint(Checkpoint):
                 "async_save is not supported with sharded checkpoints (save_distributed_checkpoint=True): "
                 "every rank writes its shard in the save; set async_save=false or save full-state files"
             )
+        if self._objects is not None:
+            if getattr(trainer.strategy, "saves_sharded", False):
+                raise ValueError(
+                    f"sharded checkpoints (save_distributed_checkpoint=True) are written to local folders, "
+                    f"not to {self.dirpath}; give checkpoint.dirpath a local folder or save full-state files"
+                )
+            if trainer.is_global_zero:
+                for key in self._objects.open():
+                    rank_zero_info(f"Removed an object a crashed run uploaded but never named: {key}")
+            return
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            for path in clean_stale_temps(self.dirpath):
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+            for path in clean_stale_temps(Path(self.dirpath)):
                 rank_zero_info(f"Removed a temporary file left by a crashed run: {path}")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A fresh run never mixes its files (top-K, best) with another run's: refused before any step.
         fresh = not trainer.ckpt_path and not self._skip(trainer)  # fast_dev_run saves nothing
-        earlier = earlier_checkpoints(self.dirpath) if trainer.is_global_zero and fresh else []
+        earlier = self._committed_names() if trainer.is_global_zero and fresh else []
         earlier = trainer.strategy.broadcast(earlier, src=0)
         if earlier:
             raise refusal(self.dirpath, "checkpoints", earlier)
-        if trainer.is_global_zero and self._resume_deletions:
+        if trainer.is_global_zero and self._resume_deletions and self._objects is not None:
+            self._objects.remove(self._resume_deletions)
+        elif trainer.is_global_zero and self._resume_deletions:
             for name in self._resume_deletions:
-                remove_path(self.dirpath / name)
-            fsync_dir(self.dirpath)
+                remove_path(Path(self.dirpath) / name)
+            fsync_dir(Path(self.dirpath))
         self._resume_deletions = []
         if self.save_on_interrupt:
             self._sigint.install()
@@ -257,7 +286,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             rank_zero_warn(f"{error}: {error.__cause__!r}")
         if isinstance(exception, SIGTERMException) and self.save_on_interrupt and not self._skip(trainer):
             self._save(trainer, refresh=False, sync=True)
-            rank_zero_info(f"Saved {self.dirpath / LATEST_NAME} at step {trainer.global_step} before exiting")
+            rank_zero_info(f"Saved {self._url(LATEST_NAME)} at step {trainer.global_step} before exiting")
         elif isinstance(exception, KeyboardInterrupt) and self._saved_step is not None:
             rank_zero_warn(f"Interrupted mid-step: not saved; {LATEST_NAME} holds step {self._saved_step}")
 
@@ -305,6 +334,12 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
         return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or fast_dev_run
 
+    def _url(self, name: str) -> str:
+        return self._objects.url(name) if self._objects is not None else str(Path(self.dirpath) / name)
+
+    def _committed_names(self) -> list[str]:
+        return self._objects.names() if self._objects is not None else earlier_checkpoints(self.dirpath)
+
     def _register_epoch(self, trainer: pl.Trainer) -> None:
         epoch, every = trainer.current_epoch, self.every_n_epochs
         name = epoch_name(epoch)
@@ -329,7 +364,10 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self._saved_step, self._names_at_step, self._due, self._changed = step, names, [], False
 
     def _write(self, trainer: pl.Trainer, names: list[str], deletions: list[str], sync: bool) -> None:
-        target = self.dirpath / names[0]
+        if self._objects is not None:
+            self._upload(self._objects, trainer, names, deletions, sync)
+            return
+        target = Path(self.dirpath) / names[0]
         self._jobs.wait()  # at most one write in flight, and ours goes after it
         if sync or not self.async_save:
             # weights_only=False: the whole training state, said outright (Lightning logs a line otherwise).
@@ -349,14 +387,43 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
         self._jobs.submit(job, label=str(target))
 
+    def _upload(
+        self,
+        objects: ObjectCheckpointFolder,
+        trainer: pl.Trainer,
+        names: list[str],
+        deletions: list[str],
+        sync: bool,
+    ) -> None:
+        """Object storage: upload the state as a new object, then name it in the manifest and rotate."""
+        target = objects.new_target(names[0])
+        self._jobs.wait()
+        if sync or not self.async_save:
+            trainer.save_checkpoint(target, weights_only=False, storage_options=self.storage_options)
+            if trainer.is_global_zero:
+                objects.publish(target, names, deletions)
+            return
+        checkpoint = dump_checkpoint(trainer)
+        if not trainer.is_global_zero:
+            return
+        snapshot = self._staging.snapshot(checkpoint)
+        del checkpoint
+
+        def job() -> None:
+            save_state_to_url(snapshot, target, self.storage_options)
+            objects.publish(target, names, deletions)
+
+        self._jobs.submit(job, label=target)
+
     def _link_and_rotate(self, target: Path, links: list[str], deletions: list[str]) -> None:
         """After ``target`` is committed: point the other names at it, then delete evicted files."""
+        dirpath = Path(self.dirpath)
         for name in links:
-            (link_tree if target.is_dir() else atomic_link)(target, self.dirpath / name)
+            (link_tree if target.is_dir() else atomic_link)(target, dirpath / name)
         for name in deletions:
-            remove_path(self.dirpath / name)
+            remove_path(dirpath / name)
         if deletions:
-            fsync_dir(self.dirpath)
+            fsync_dir(dirpath)
 
 
 def _gather_rng_states(trainer: pl.Trainer) -> list[dict[str, Any]]:

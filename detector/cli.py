@@ -20,11 +20,12 @@ from callbacks.prediction_writer import PredictionWriter
 from callbacks.run_summary import RunSummary
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.checkpoint.compat import run_cli_subcommand
+from detector.checkpoint.objects import is_url, local
 from detector.checkpoint.reader import read_checkpoint_header, verify_checkpoint
 from detector.data import DetectorDataModule
 from detector.ema import EMASchedule
 from detector.module import DetectorModule
-from detector.run_folder import earlier_checkpoints, refusal, resolve_last
+from detector.run_folder import checkpoint_exists, earlier_checkpoints, refusal, resolve_last
 from detector.tokenizer import checkpoint_tokenizer_files, save_tokenizer_files
 
 DEFAULT_ROOT = "outputs"
@@ -105,9 +106,10 @@ class DetectorCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path == "last":
             run_paths(self.config[subcommand])  # the checkpoint folder may follow default_root_dir
-            ckpt_path = str(resolve_last(self.config[subcommand]["checkpoint"]["dirpath"]))
+            checkpoint = self.config[subcommand]["checkpoint"]
+            ckpt_path = resolve_last(checkpoint["dirpath"], checkpoint.get("storage_options"))
             self.config[subcommand]["ckpt_path"] = ckpt_path
-        if not ckpt_path or not Path(ckpt_path).exists():
+        if not ckpt_path or not checkpoint_exists(ckpt_path):
             return
         hparams = dict(verified_header(ckpt_path)["state"].get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
@@ -125,10 +127,11 @@ class DetectorCLI(LightningCLI):
         ckpt_path, data = config.get("ckpt_path"), config["data"]
         if self.subcommand == "fit" and not ckpt_path and not config["trainer"].get("fast_dev_run"):
             # Decided before anything is built; the checkpoint callback checks again for Trainer users.
-            earlier = earlier_checkpoints(config["checkpoint"]["dirpath"])
+            checkpoint = config["checkpoint"]
+            earlier = earlier_checkpoints(checkpoint["dirpath"], checkpoint.get("storage_options"))
             if earlier:
                 raise refusal(config["checkpoint"]["dirpath"], "checkpoints", earlier)
-        if ckpt_path and Path(ckpt_path).exists() and data.get("tokenizer_path") is None:
+        if ckpt_path and checkpoint_exists(ckpt_path) and data.get("tokenizer_path") is None:
             data["tokenizer_path"] = checkpoint_tokenizer_folder(ckpt_path, data["tokenizer_root"])
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -216,7 +219,7 @@ def choose_scored_weights(callbacks: list[Any], stage: str, config: Any) -> str:
     emas = [cb for cb in callbacks if isinstance(cb, EMACallback)]
     want_ema = config.get("weights", "ema") == "ema"
     ckpt_path = config.get("ckpt_path")
-    settings = checkpoint_ema_settings(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
+    settings = checkpoint_ema_settings(ckpt_path) if ckpt_path and checkpoint_exists(ckpt_path) else None
     if want_ema and not emas and settings is not None:
         emas.append(EMACallback(**settings))
         callbacks.append(emas[-1])
@@ -275,6 +278,10 @@ def verified_header(ckpt_path: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointFormatError: naming the file and what is wrong.
     """
+    if is_url(ckpt_path):  # read from a local copy, downloaded once per object version
+        verify_checkpoint(ckpt_path)
+        return read_checkpoint_header(ckpt_path)
+    ckpt_path = local(ckpt_path)
     info = Path(ckpt_path).stat()
     return _verified(str(ckpt_path), info.st_size, info.st_mtime_ns)
 

@@ -14,10 +14,11 @@ from detector.backbone import PretrainedReferenceError
 from detector.bundle.integrity import BundleIntegrityError
 from detector.bundle.onnx import MissingExtraError
 from detector.bundle.writer import BundleExistsError
+from detector.checkpoint.objects import ObjectStoreError
 from detector.checkpoint.tree import CheckpointFormatError
 from detector.records import DataError
 
-# Bad input, a missing optional extra or a full disk: the message says what is wrong and where.
+# Bad input, a missing extra, an unreachable object store or a full disk: the message says what and where.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     CheckpointFormatError,
     DataError,
@@ -25,6 +26,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     BundleExistsError,
     MissingExtraError,
     PretrainedReferenceError,
+    ObjectStoreError,
 )
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from detector.checkpoint import objects
 from detector.checkpoint.topk import LATEST_NAME, SUFFIX
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -18,8 +20,13 @@ class LastCheckpointError(FileNotFoundError):
     """``--ckpt_path last`` where the checkpoint folder holds no ``checkpoint_latest``."""
 
 
-def earlier_checkpoints(dirpath: str | Path) -> list[str]:
-    """Names of the committed checkpoints (files or sharded folders) in ``dirpath``, sorted; no temps."""
+def earlier_checkpoints(dirpath: str | Path, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the committed checkpoints (files or sharded folders) in ``dirpath``, sorted; no temps.
+
+    For an object-store URL: the names in its manifest (:mod:`detector.checkpoint.objects`).
+    """
+    if objects.is_url(dirpath):
+        return sorted(objects.read_manifest(str(dirpath), storage_options))
     dirpath = Path(dirpath)
     if not dirpath.is_dir():
         return []
@@ -41,13 +48,22 @@ def refusal(folder: str | Path, what: str, names: Sequence[str], ways: str | Non
     )
 
 
-def resolve_last(dirpath: str | Path) -> Path:
-    """``dirpath/checkpoint_latest.safetensors`` (a file or a sharded folder); LastCheckpointError naming
-    the folder when there is none."""
-    latest = Path(dirpath) / LATEST_NAME
-    if not latest.exists():
+def checkpoint_exists(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a checkpoint file, a sharded folder, or a checkpoint on an object store."""
+    if objects.is_url(path):
+        return objects.exists(str(path), storage_options)
+    return Path(objects.local(path)).exists()
+
+
+def resolve_last(dirpath: str | Path, storage_options: Mapping[str, Any] | None = None) -> str:
+    """``dirpath/checkpoint_latest.safetensors`` (a file, a sharded folder or a manifest name on an object
+    store); LastCheckpointError naming the folder when there is none."""
+    latest = (
+        objects.join(str(dirpath), LATEST_NAME) if objects.is_url(dirpath) else Path(dirpath) / LATEST_NAME
+    )
+    if not checkpoint_exists(latest, storage_options):
         raise LastCheckpointError(
             f"--ckpt_path last: no {LATEST_NAME} in {dirpath}, so there is no run to resume; "
             "start a new run without --ckpt_path, or give the path of a checkpoint."
         )
-    return latest
+    return str(latest)

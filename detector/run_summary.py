@@ -11,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from detector.atomic import write_text
+from detector.checkpoint import objects
 from detector.checkpoint.reader import disk_usage
 from detector.checkpoint.topk import CheckpointTracker
 
@@ -25,22 +26,28 @@ def finite_or_none(value: float | None) -> float | None:
 def checkpoint_section(
     tracker: CheckpointTracker, dirpath: str | Path, monitor: str, best_path: str
 ) -> dict[str, Any]:
-    """What a checkpoint callback kept: best (score, epoch, step, path), top-K, periodic files, disk use."""
-    dirpath = Path(dirpath)
+    """What a checkpoint callback kept: best (score, epoch, step, path), top-K, periodic files, disk use.
+
+    For an object-store ``dirpath`` the paths are URLs and ``disk_bytes`` the bytes of its state objects.
+    """
+    remote = objects.is_url(dirpath)
+    root = str(dirpath).rstrip("/") if remote else str(Path(dirpath))
+
+    def where(name: str) -> str:
+        return objects.join(root, name) if remote else str(Path(root) / name)
+
     best = None
     if tracker.best is not None:
         best = {**tracker.best, "score": finite_or_none(tracker.best["score"]), "path": best_path}
     return {
-        "dirpath": str(dirpath),
+        "dirpath": root,
         "monitor": monitor,
         "mode": tracker.top_k.mode,
         "best": best,
-        "top_k": [
-            {"path": str(dirpath / r.name), "score": finite_or_none(r.score)} for r in tracker.top_k.kept
-        ],
-        "epoch_files": [str(dirpath / name) for name in tracker.epochs.kept],
-        "step_files": [str(dirpath / name) for name in tracker.steps.kept],
-        "disk_bytes": disk_usage(dirpath),
+        "top_k": [{"path": where(r.name), "score": finite_or_none(r.score)} for r in tracker.top_k.kept],
+        "epoch_files": [where(name) for name in tracker.epochs.kept],
+        "step_files": [where(name) for name in tracker.steps.kept],
+        "disk_bytes": objects.stored_bytes(root) if remote else disk_usage(root),
     }
 
 

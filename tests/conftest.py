@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from bundle_helpers import metadata, tiny_model, tiny_tokenizer
+from s3_helpers import s3, s3_server  # noqa: F401  (fixtures: a local S3 server, a fresh bucket)
 
 from detector.bundle.writer import write_bundle
 from detector.demo import demo_rows

@@ -231,7 +231,7 @@ def test_remove_checkpoint_deletes_the_file_and_tolerates_a_missing_one(tmp_path
 
 def test_bad_arguments_are_refused(tmp_path: Path) -> None:
     io = SafetensorsCheckpointIO()
-    with pytest.raises(TypeError, match="takes no storage_options"):
+    with pytest.raises(TypeError, match="takes storage_options for URLs only"):
         io.save_checkpoint({}, tmp_path / "a.safetensors", storage_options={"x": 1})
     io.save_checkpoint({}, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match="takes a device as map_location"):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "detector" / "checkpoint"
-# NumPy arrays are part of a state (its RNG); typing_extensions comes with Lightning.
-ALLOWED_THIRD_PARTY = {"torch", "numpy", "lightning", "safetensors", "typing_extensions", "xxhash"}
+# NumPy arrays are part of a state (its RNG); typing_extensions and fsspec (object stores): with Lightning.
+ALLOWED_THIRD_PARTY = {"torch", "numpy", "lightning", "safetensors", "typing_extensions", "xxhash", "fsspec"}
 ALLOWED_OWN = {"detector.atomic", "detector.checkpoint"}
 
 

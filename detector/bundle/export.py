@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from detector.atomic import fsync_dir, remove_path
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import METADATA_FILE, write_bundle
+from detector.checkpoint.objects import is_url
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.scoring import DEFAULT_THRESHOLD
 
@@ -206,7 +207,7 @@ def checkpoint_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> t
     return hf_state_dict(raw), "trained"
 
 
-def _default_load_state(path: Path) -> dict[str, Any]:
+def _default_load_state(path: Path | str) -> dict[str, Any]:
     return load_checkpoint_state(path)
 
 
@@ -223,13 +224,13 @@ def export_checkpoint(
     target_fpr: float = DEFAULT_TARGET_FPR,
     onnx: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
-    load_state: Callable[[Path], Mapping[str, Any]] | None = None,
-) -> Path:
-    """Write a bundle from a saved checkpoint through :func:`write_bundle`; return its path.
+    load_state: Callable[[Path | str], Mapping[str, Any]] | None = None,
+) -> Path | str:
+    """Write a bundle from a saved checkpoint through :func:`write_bundle`; return its path (or URL).
 
     Args:
         checkpoint_path: a checkpoint in the project's safetensors format.
-        out_root: the folder receiving the bundle (``outputs/models/inference``).
+        out_root: the folder receiving the bundle (``outputs/models/inference``), or its URL (``s3://...``).
         model: a classifier of the checkpoint's architecture (its weights are not used).
         tokenizer: the tokenizer the checkpoint was trained with.
         version: semantic ``X.Y`` or ``X.Y.Z``; the name defaults to ``model_v{version}_epoch{N}``.
@@ -240,7 +241,7 @@ def export_checkpoint(
         load_state: reads the checkpoint dict; defaults to
             :func:`detector.checkpoint.reader.load_checkpoint_state`.
     """
-    path = Path(checkpoint_path)
+    path = checkpoint_path if is_url(checkpoint_path) else Path(checkpoint_path)
     checkpoint = (load_state or _default_load_state)(path)
     weights, source = checkpoint_weights(checkpoint, use_ema)
     epoch = int(checkpoint.get("epoch", 0))

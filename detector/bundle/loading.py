@@ -18,7 +18,9 @@ from transformers import (
 
 from detector.bundle.integrity import BundleIntegrityError, check_finite, verify_bundle
 from detector.bundle.onnx import ONNX_FILE, encode
+from detector.bundle.remote import download_bundle, named_as
 from detector.bundle.writer import METADATA_FILE, read_metadata
+from detector.checkpoint.objects import is_url
 from detector.scoring import DEFAULT_THRESHOLD, decision, prob_machine
 
 Backend = Literal["torch", "onnx"]
@@ -151,6 +153,12 @@ def load_detector(
     Raises:
         BundleIntegrityError: naming the file at fault: missing, altered, unlisted, non-finite weights.
     """
+    if is_url(bundle):  # a complete bundle on an object store, loaded from a local copy
+        local = download_bundle(str(bundle))
+        try:
+            return load_detector(local, backend, threshold=threshold, device=device, verify=verify)
+        except (BundleIntegrityError, FileNotFoundError) as error:
+            raise named_as(error, local, str(bundle).rstrip("/")) from None
     bundle = Path(bundle)
     if not (bundle / METADATA_FILE).is_file():
         raise FileNotFoundError(f"{bundle / METADATA_FILE} not found: {bundle} is not a detector bundle")

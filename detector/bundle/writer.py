@@ -35,6 +35,8 @@ from detector.bundle.card import render_card
 from detector.bundle.integrity import BundleIntegrityError, write_manifest
 from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
+from detector.bundle.remote import download_bundle, is_complete, local_bundle_root, upload_bundle
+from detector.checkpoint.objects import is_url, join
 from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
 
 METADATA_FILE = "training_metadata.json"
@@ -177,8 +179,12 @@ def write_bundle(
     *,
     weights: Mapping[str, Tensor] | None = None,
     onnx: bool = False,
-) -> Path:
+    location: str | None = None,
+) -> Path | str:
     """Write the bundle ``root/name/`` atomically and return its path.
+
+    ``root`` may be an object-store URL (``s3://bucket/models``): the bundle is written in a local temp
+    folder, then uploaded with ``SHA256SUMS`` last (:mod:`detector.bundle.remote`); its URL is returned.
 
     Args:
         model: the classifier; gives the architecture, config and (without ``weights``) the weights.
@@ -191,12 +197,15 @@ def write_bundle(
         weights: a full state dict with Hugging Face key names (e.g. the EMA weights) to ship
             instead of the model's own; DTensors must be gathered to full tensors by the caller.
         onnx: also write ``model.onnx``, checked against PyTorch (max abs logit diff <= 1e-4).
+        location: where the bundle will be read from, for its model card (default: where it is written).
 
     Raises:
         BundleExistsError: ``root/name`` exists.
         ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
         ImportError: ``onnx`` without the ``onnx`` extra installed (the message says how to install it).
     """
+    if is_url(root):
+        return _write_remote(model, tokenizer, str(root), name, metadata, weights, onnx)
     root = Path(root)
     final = _check_name(root, name)
     if onnx:
@@ -207,7 +216,7 @@ def write_bundle(
     try:
         with new_dir(final) as tmp:
             _write_contents(tmp, model, tokenizer, weights, completed, onnx)
-            (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
+            (tmp / CARD_FILE).write_text(render_card(name, location or str(final), completed))
             write_manifest(tmp)
     except FileExistsError as err:
         if isinstance(err, BundleExistsError):
@@ -218,8 +227,32 @@ def write_bundle(
     return final
 
 
+def _write_remote(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    root: str,
+    name: str,
+    metadata: Mapping[str, Any],
+    weights: Mapping[str, Tensor] | None,
+    onnx: bool,
+) -> str:
+    final = join(root, name)
+    if is_complete(final):
+        raise BundleExistsError(f"bundle {final} exists; bundles are never overwritten")
+    with local_bundle_root() as local_root:
+        local = write_bundle(
+            model, tokenizer, local_root, name, metadata, weights=weights, onnx=onnx, location=final
+        )
+        try:
+            return upload_bundle(Path(local), final)
+        except FileExistsError as err:
+            raise BundleExistsError(str(err)) from err
+
+
 def read_metadata(bundle: str | Path) -> dict[str, Any]:
-    """The ``training_metadata.json`` of ``bundle``."""
+    """The ``training_metadata.json`` of ``bundle`` (a folder, or the URL of a complete bundle)."""
+    if is_url(bundle):
+        bundle = download_bundle(str(bundle))
     path = Path(bundle) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {bundle} is not a detector bundle")

@@ -27,6 +27,7 @@ from detector.atomic import fsync_dir, remove_path
 from detector.checkpoint.compat import PathLike as _PATH
 from detector.checkpoint.compat import build_module_from_checkpoint
 from detector.checkpoint.format import CheckpointFormatError, save_state
+from detector.checkpoint.objects import is_url, local, remove, save_state_to_url
 from detector.checkpoint.reader import load_checkpoint_state
 
 _Module = TypeVar("_Module", bound="pl.LightningModule")
@@ -42,15 +43,32 @@ class SafetensorsCheckpointIO(CheckpointIO):
     Saves are atomic (temp file in the same folder, fsync, rename, folder fsync); loads verify the
     checksum and refuse anything that is not an intact checkpoint of this format (a pickled ``.ckpt``
     included; convert one with ``python -m detector checkpoints convert``).
+
+    A URL of a remote filesystem (``s3://bucket/prefix/name.safetensors``, any fsspec URL) is uploaded as
+    one object, and read from a verified local copy (:mod:`detector.checkpoint.objects`).
     """
+
+    def __init__(self, storage_options: dict[str, Any] | None = None) -> None:
+        """Set the fsspec options for URLs.
+
+        Args:
+            storage_options: fsspec options for URLs (endpoint, credentials, ...) when a save passes none,
+                and for every load; ``None``: the environment's and config files', as s3fs/gcsfs read them.
+        """
+        self.storage_options = storage_options
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
+        if is_url(path):
+            save_state_to_url(checkpoint, str(path), storage_options or self.storage_options)
+            return
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        path = Path(path)
+            raise TypeError(
+                f"{type(self).__name__} takes storage_options for URLs only, got {storage_options!r}"
+            )
+        path = Path(local(path))
         path.parent.mkdir(parents=True, exist_ok=True)
         save_state(checkpoint, path)
 
@@ -59,10 +77,16 @@ class SafetensorsCheckpointIO(CheckpointIO):
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         # weights_only is torch.load's pickle restriction; nothing here unpickles, so it is moot.
-        return _as_checkpoint(load_checkpoint_state(path, map_location=_as_device(map_location)), path)
+        state = load_checkpoint_state(
+            path, map_location=_as_device(map_location), storage_options=self.storage_options
+        )
+        return _as_checkpoint(state, path)
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
+        if is_url(path):
+            remove(str(path), self.storage_options)
+            return
         path = Path(path)
         remove_path(path)
         with contextlib.suppress(FileNotFoundError):

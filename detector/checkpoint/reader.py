@@ -15,6 +15,7 @@ import torch
 
 from detector.atomic import TEMP_MARKER
 from detector.checkpoint.format import load_state, read_header, verify_state
+from detector.checkpoint.objects import through_local_copy
 from detector.checkpoint.sharded import (
     is_sharded_checkpoint,
     load_sharded_state,
@@ -23,6 +24,7 @@ from detector.checkpoint.sharded import (
 )
 
 
+@through_local_copy
 def load_checkpoint_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> Any:
     """The whole state of a checkpoint file or sharded folder, checksums verified. Runs no pickle.
 
@@ -39,11 +41,13 @@ def load_checkpoint_state(path: str | Path, map_location: str | torch.device | N
     return state
 
 
+@through_local_copy
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     """:func:`detector.checkpoint.format.read_header` of the file holding the checkpoint's state tree."""
     return read_header(state_file(path))
 
 
+@through_local_copy
 def verify_checkpoint(path: str | Path) -> None:
     """Verify a checkpoint file, or every file of a sharded folder and how its chunks tile each tensor."""
     if is_sharded_checkpoint(path):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from detector.checkpoint import objects
 from detector.checkpoint.format import (
     CheckpointFormatError,
     TensorInfo,
@@ -42,10 +43,10 @@ def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         why the header could not be read).
     """
     rows = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
+    for name, path in _checkpoint_files(folder):
         sharded = path.is_dir()
         size = disk_usage(path) if sharded else path.stat().st_size
-        row: dict[str, Any] = {"file": path.name + "/" * sharded, "bytes": size, "error": None}
+        row: dict[str, Any] = {"file": name + "/" * sharded, "bytes": size, "error": None}
         try:
             header = read_checkpoint_header(path)
         except (CheckpointFormatError, OSError) as err:
@@ -56,6 +57,15 @@ def list_checkpoints(folder: str | Path) -> list[dict[str, Any]]:
         row["metrics"] = _read_scalars(state_file(path), header, _metric_entries(state))
         rows.append(row)
     return rows
+
+
+def _checkpoint_files(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(name, local path)`` of each checkpoint in ``folder``; on an object store, the names of its
+    manifest, each read from a verified-on-load local copy (:mod:`detector.checkpoint.objects`)."""
+    if not objects.is_url(folder):
+        return [(path.name, path) for path in sorted(Path(folder).glob("*.safetensors"))]
+    names = sorted(objects.read_manifest(str(folder)))
+    return [(name, objects.local_copy(objects.join(str(folder), name))) for name in names]
 
 
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -72,10 +82,11 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join([*(line.rstrip() for line in lines), *errors])
 
 
-def verify_checkpoints(paths: Sequence[str | Path]) -> list[tuple[Path, str | None]]:
-    """Verify checkpoints (files or sharded folders): ``(path, None)`` if intact, else ``(path, problem)``."""
-    results: list[tuple[Path, str | None]] = []
-    for path in map(Path, paths):
+def verify_checkpoints(paths: Sequence[str | Path]) -> list[tuple[str | Path, str | None]]:
+    """Verify checkpoints (files, sharded folders, object URLs): ``(path, None)`` if intact, else
+    ``(path, problem)``."""
+    results: list[tuple[str | Path, str | None]] = []
+    for path in (p if objects.is_url(p) else Path(p) for p in paths):
         try:
             verify_checkpoint(path)
             results.append((path, None))
@@ -183,13 +194,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detector checkpoints", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     listing = commands.add_parser("list", help="list a folder's checkpoints with epoch, step and metrics")
-    listing.add_argument("folder", type=Path, help="a checkpoint folder (outputs/checkpoints)")
+    listing.add_argument("folder", help="a checkpoint folder (outputs/checkpoints) or its URL (s3://...)")
     listing.set_defaults(run=lambda a: _run_list(a.folder))
     verify = commands.add_parser("verify", help="check files' integrity (exit status 1 on any failure)")
-    verify.add_argument("paths", type=Path, nargs="+", help="checkpoint files or sharded folders")
+    verify.add_argument("paths", nargs="+", help="checkpoint files, sharded folders or object URLs")
     verify.set_defaults(run=lambda a: _run_verify(a.paths))
     show = commands.add_parser("show", help="show what a checkpoint holds")
-    show.add_argument("path", type=Path, help="a checkpoint file or sharded folder")
+    show.add_argument("path", help="a checkpoint file, sharded folder or object URL")
     show.add_argument("--max-items", type=int, default=50, help="entries shown per container")
     show.set_defaults(run=lambda a: _print(describe_checkpoint(a.path, a.max_items)))
     convert = commands.add_parser("convert", help="convert a trusted Lightning .ckpt (reads a pickle)")
@@ -211,15 +222,15 @@ def _run_convert(source: Path, target: Path) -> int:
     return 0
 
 
-def _run_list(folder: Path) -> int:
-    if not folder.is_dir():
+def _run_list(folder: str) -> int:
+    if not objects.is_url(folder) and not Path(folder).is_dir():
         raise ValueError(f"{folder} is not a folder")
     rows = list_checkpoints(folder)
     print(format_table(rows) if rows else f"no *.safetensors checkpoints in {folder}")
     return 0
 
 
-def _run_verify(paths: Sequence[Path]) -> int:
+def _run_verify(paths: Sequence[str]) -> int:
     failed = 0
     for path, problem in verify_checkpoints(paths):
         print(f"FAILED {problem}" if problem else f"OK     {path}")

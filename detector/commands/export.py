@@ -36,8 +36,10 @@ def score_file(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detector export", description=__doc__)
-    parser.add_argument("checkpoint", help="a checkpoint_*.safetensors file")
-    parser.add_argument("--out", default="outputs/models/inference", help="folder receiving the bundle")
+    parser.add_argument("checkpoint", help="a checkpoint_*.safetensors file or its URL (s3://...)")
+    parser.add_argument(
+        "--out", default="outputs/models/inference", help="folder (or s3://... URL) receiving the bundle"
+    )
     parser.add_argument("--version", default="1.0", help="semantic version X.Y of the bundle")
     parser.add_argument("--name", help="bundle folder name (default model_vX.Y_epochN)")
     parser.add_argument("--no-ema", action="store_true", help="ship the trained weights even when EMA exists")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(args: argparse.Namespace) -> Path | str:
     """The export ``args`` ask for; returns the bundle's path."""
     checkpoint = load_checkpoint_state(args.checkpoint)
     # LightningCLI adds its own entries (`_instantiator`, `_class_path`) beside the module's arguments.
@@ -78,7 +80,7 @@ def export(args: argparse.Namespace) -> Path:
     max_length = int(checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 512))
     val_scores = score_file(model, tokenizer, args.val_data, max_length) if args.val_data else None
     path = export_checkpoint(
-        Path(args.checkpoint), args.out, model, tokenizer, version=args.version, name=args.name,
+        args.checkpoint, args.out, model, tokenizer, version=args.version, name=args.name,
         use_ema=not args.no_ema, val_scores=val_scores, target_fpr=args.target_fpr, onnx=args.onnx,
         extra_metadata={"max_length": max_length}, load_state=lambda _: checkpoint,
     )  # fmt: skip

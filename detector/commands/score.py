@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score texts with a bundle: one JSON line per text with id (when given), "
         "prob_machine, label and is_machine.",
     )
-    parser.add_argument("bundle", type=Path, help="bundle folder (outputs/models/inference/model_vX.Y_...)")
+    parser.add_argument(
+        "bundle", help="bundle folder (outputs/models/inference/model_vX.Y_...) or its URL (s3://...)"
+    )
     parser.add_argument("input", help="a .jsonl, .csv or .txt file, or - for standard input")
     parser.add_argument("--output", "-o", default="-", help="JSONL file to write, or - for stdout (default)")
     parser.add_argument(
