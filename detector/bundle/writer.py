@@ -1,9 +1,10 @@
 """Write an inference bundle: a Hugging Face model folder plus metadata and card, atomically, no pickle.
 
 A bundle ``root/name/`` holds ``config.json``, ``model.safetensors`` (full, unsharded), the tokenizer
-files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx``. It
-loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
-without any ``detector`` code, and with :func:`detector.bundle.loading.load_detector`.
+files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx`` and
+its int8 copy ``model_int8.onnx``. It loads with ``AutoModelForSequenceClassification.from_pretrained``
+and ``transformers.pipeline`` without any ``detector`` code, and with
+:func:`detector.bundle.loading.load_detector`.
 
 Everything is written into a hidden temporary folder inside ``root`` and committed by
 :func:`detector.atomic.new_dir` (``.{name}.tmp-{pid}-{random}``, which no bundle listing matches and
@@ -35,6 +36,7 @@ from detector.bundle.card import render_card
 from detector.bundle.integrity import BundleIntegrityError, write_manifest
 from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
+from detector.bundle.quantize import Int8Check, add_int8
 from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
 
 METADATA_FILE = "training_metadata.json"
@@ -125,6 +127,7 @@ def training_metadata(metadata: Mapping[str, Any], model: PreTrainedModel, name:
         "max_length": int(model.config.max_position_embeddings),
         "default_threshold": DEFAULT_THRESHOLD,
         "onnx_max_abs_logit_diff": None,
+        "int8": None,
         "packages": package_versions(),
         "git": git_state(),
     }
@@ -148,6 +151,7 @@ def _write_contents(
     weights: Mapping[str, Tensor] | None,
     metadata: dict[str, Any],
     onnx: bool,
+    int8: Int8Check | None = None,
 ) -> None:
     state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
     # One file, no shards: transformers' "Writing model shards" bar would only clutter the console.
@@ -165,6 +169,8 @@ def _write_contents(
         metadata["onnx_max_abs_logit_diff"] = export_and_check(
             reloaded, tokenizer, folder, metadata["max_length"]
         )
+        if int8 is not None:
+            add_int8(folder, reloaded, tokenizer, metadata, int8)
     _write_json(folder / METADATA_FILE, metadata)
 
 
@@ -177,6 +183,7 @@ def write_bundle(
     *,
     weights: Mapping[str, Tensor] | None = None,
     onnx: bool = False,
+    int8: Int8Check | None = None,
 ) -> Path:
     """Write the bundle ``root/name/`` atomically and return its path.
 
@@ -191,14 +198,19 @@ def write_bundle(
         weights: a full state dict with Hugging Face key names (e.g. the EMA weights) to ship
             instead of the model's own; DTensors must be gathered to full tensors by the caller.
         onnx: also write ``model.onnx``, checked against PyTorch (max abs logit diff <= 1e-4).
+        int8: also write ``model_int8.onnx`` (implies ``onnx``), quantized from ``model.onnx`` and
+            checked on ``int8``'s validation texts; its threshold and check go to the metadata's
+            ``int8`` entry (:func:`detector.bundle.quantize.add_int8`).
 
     Raises:
         BundleExistsError: ``root/name`` exists.
         ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
+        Int8CheckError: the int8 model is past ``int8``'s limits (nothing is written).
         ImportError: ``onnx`` without the ``onnx`` extra installed (the message says how to install it).
     """
     root = Path(root)
     final = _check_name(root, name)
+    onnx = onnx or int8 is not None
     if onnx:
         require_onnx()
     _check_model(model, weights)
@@ -206,7 +218,7 @@ def write_bundle(
     root.mkdir(parents=True, exist_ok=True)
     try:
         with new_dir(final) as tmp:
-            _write_contents(tmp, model, tokenizer, weights, completed, onnx)
+            _write_contents(tmp, model, tokenizer, weights, completed, onnx, int8)
             (tmp / CARD_FILE).write_text(render_card(name, str(final), completed))
             write_manifest(tmp)
     except FileExistsError as err:
