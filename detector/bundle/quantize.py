@@ -35,6 +35,13 @@ class Int8CheckError(ValueError):
     """The int8 model differs from the float one past a limit; the bundle is not written."""
 
 
+def check_limits(max_auroc_drop: float, max_decision_change: float) -> None:
+    """Raise ValueError naming the limit that is not in ``[0, 1]``."""
+    for name, value in (("max_auroc_drop", max_auroc_drop), ("max_decision_change", max_decision_change)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
 @dataclass(frozen=True)
 class Int8Check:
     """Labelled validation texts and the limits the int8 model must stay within.
@@ -52,10 +59,7 @@ class Int8Check:
     max_decision_change: float = DEFAULT_MAX_DECISION_CHANGE
 
     def __post_init__(self) -> None:
-        for name in ("max_auroc_drop", "max_decision_change"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        check_limits(self.max_auroc_drop, self.max_decision_change)
         labels = np.asarray(list(self.labels))
         if len(self.texts) != labels.size:
             raise ValueError(f"texts and labels differ in length: {len(self.texts)} vs {labels.size}")

@@ -18,10 +18,11 @@ export here (``onnx=True``) or ``torch.export``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,19 @@ def _write_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, max_lengt
         _write_json(config_file, config)
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    # One file, no shards: transformers' "Writing model shards" and "Loading weights" bars would only
+    # clutter the console (and the one-line errors of the commands).
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _write_contents(
     folder: Path,
     model: PreTrainedModel,
@@ -154,18 +168,13 @@ def _write_contents(
     int8: Int8Check | None = None,
 ) -> None:
     state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
-    # One file, no shards: transformers' "Writing model shards" bar would only clutter the console.
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _no_progress_bar():
         model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     _write_tokenizer(tokenizer, folder, metadata["max_length"])
     if onnx:
         # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        with _no_progress_bar():
+            reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         metadata["onnx_max_abs_logit_diff"] = export_and_check(
             reloaded, tokenizer, folder, metadata["max_length"]
         )

@@ -12,7 +12,12 @@ import torch
 from detector.bundle.export import checkpoint_weights, export_checkpoint
 from detector.bundle.loading import Detector, model_logits
 from detector.bundle.onnx import require_onnx
-from detector.bundle.quantize import DEFAULT_MAX_AUROC_DROP, DEFAULT_MAX_DECISION_CHANGE, Int8Check
+from detector.bundle.quantize import (
+    DEFAULT_MAX_AUROC_DROP,
+    DEFAULT_MAX_DECISION_CHANGE,
+    Int8Check,
+    check_limits,
+)
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.errors import user_error
 from detector.module import DetectorModule
@@ -87,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quantize_options(args: argparse.Namespace) -> str | None:
-    for option in ("max_auroc_drop", "max_decision_change"):
-        if not 0.0 <= getattr(args, option) <= 1.0:
-            return f"--{option.replace('_', '-')} must be in [0, 1], got {getattr(args, option)}"
+    try:
+        check_limits(args.max_auroc_drop, args.max_decision_change)
+    except ValueError as err:
+        return f"--{err}".replace("_", "-")
     if args.quantize and not args.val_data:
         return (
             "--quantize needs --val-data: the int8 model is checked against the float one "
