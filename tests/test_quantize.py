@@ -199,3 +199,18 @@ def test_compare_measures_auroc_and_decisions_each_at_its_own_threshold():
 def test_int8_check_needs_both_classes():
     with pytest.raises(ValueError, match="both classes"):
         Int8Check(["a", "b"], [1, 1])
+
+
+def test_int8_keeps_the_default_threshold_when_the_float_one_is_a_default():
+    labels = [0, 0, 1, 1]
+    check = Int8Check(["t"] * 4, labels)
+    metadata = {
+        "decision_threshold": 0.5,
+        "threshold_source": "default 0.5: no validation scores",
+        "target_fpr": 0.01,
+    }
+    entry = compare(np.array([0.2, 0.6, 0.4, 0.9]), np.array([0.2, 0.4, 0.6, 0.9]), check, metadata)
+    assert entry["decision_threshold"] == 0.5
+    assert entry["threshold_source"] == "the float model's default 0.5 (it was not chosen on data either)"
+    assert entry["decision_change"] == 0.5  # the texts at 0.6 / 0.4 swap sides
+    assert (entry["auroc_float"], entry["auroc_int8"], entry["auroc_drop"]) == (0.75, 1.0, -0.25)
