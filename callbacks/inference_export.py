@@ -29,6 +29,12 @@ from detector.bundle.export import (
     validate_version,
 )
 from detector.bundle.onnx import require_onnx
+from detector.bundle.quantize import (
+    DEFAULT_MAX_AUROC_DROP,
+    DEFAULT_MAX_DECISION_CHANGE,
+    Int8Check,
+    check_limits,
+)
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR
 from detector.bundle.writer import write_bundle
 from detector.checkpoint.monitor import improves, monitored_metrics
@@ -67,6 +73,13 @@ class InferenceExportCallback(Callback):
         keep_last: how many epoch bundles of this run to keep, oldest deleted first.
         target_fpr: false-positive rate on validation that the stored decision threshold aims at.
         onnx: also write a checked ``model.onnx`` into each bundle.
+        quantize: also write ``model_int8.onnx`` (implies ``onnx``), checked against the float model
+            on the datamodule's validation split with its own threshold
+            (:func:`detector.bundle.quantize.add_int8`); past a limit the export, and so the run, stops
+            with one line (``python -m detector export --quantize`` retries from a checkpoint).
+        max_auroc_drop: ``quantize``: the largest AUROC drop of the int8 model allowed.
+        max_decision_change: ``quantize``: the largest share of validation texts allowed to change
+            decision (each model at its own threshold).
 
     Example::
 
@@ -77,6 +90,7 @@ class InferenceExportCallback(Callback):
                 version: "1.1"
                 keep_last: 2
                 onnx: true
+                quantize: true  # model_int8.onnx, checked on the validation split
     """
 
     def __init__(
@@ -89,6 +103,9 @@ class InferenceExportCallback(Callback):
         keep_last: int = 3,
         target_fpr: float = DEFAULT_TARGET_FPR,
         onnx: bool = False,
+        quantize: bool = False,
+        max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP,
+        max_decision_change: float = DEFAULT_MAX_DECISION_CHANGE,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
@@ -104,14 +121,20 @@ class InferenceExportCallback(Callback):
                 f"object storage with `python -m detector export CHECKPOINT --out {dirpath}`"
             )
         # None: `<trainer.default_root_dir>/models/inference`, resolved in setup.
+        check_limits(max_auroc_drop, max_decision_change)
         self._dirpath_given = dirpath is not None
-        if onnx:
+        if onnx or quantize:
             require_onnx()
         self.dirpath = Path(dirpath if dirpath is not None else "outputs/models/inference")
         self.version = validate_version(version)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.keep_last = every_n_epochs, keep_last
         self.target_fpr, self.onnx = target_fpr, onnx
+        self.quantize, self.max_auroc_drop, self.max_decision_change = (
+            quantize,
+            max_auroc_drop,
+            max_decision_change,
+        )
         self._best: float | None = None
         self._written: list[str] = []  # epoch bundles this run wrote and still keeps, oldest first
         self._run_id: str | None = None  # the lineage: kept across resumes in the checkpoint
@@ -236,7 +259,19 @@ class InferenceExportCallback(Callback):
         metadata.update(choose_threshold(scores, self.target_fpr))
         model = cast(PreTrainedModel, pl_module.model)  # checked in on_train_start
         tokenizer = trainer.datamodule.tokenizer  # type: ignore[attr-defined]
-        write_bundle(model, tokenizer, self.dirpath, name, metadata, weights=weights, onnx=self.onnx)
+        int8 = self._int8_check(trainer) if self.quantize else None
+        write_bundle(
+            model, tokenizer, self.dirpath, name, metadata, weights=weights, onnx=self.onnx, int8=int8
+        )
+
+    def _int8_check(self, trainer: pl.Trainer) -> Int8Check:
+        records = getattr(getattr(trainer, "datamodule", None), "records", {}).get("val")
+        if records is None:
+            raise ValueError(
+                f"{type(self).__name__}(quantize=True) checks the int8 model on the validation split: "
+                "the datamodule needs a `records['val']` (texts and labels)"
+            )
+        return Int8Check(records.text, records.label, self.max_auroc_drop, self.max_decision_change)
 
     @staticmethod
     def _weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, Tensor], str]:

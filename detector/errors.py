@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from detector.backbone import PretrainedReferenceError
 from detector.bundle.integrity import BundleIntegrityError
 from detector.bundle.onnx import MissingExtraError
+from detector.bundle.quantize import Int8CheckError
 from detector.bundle.writer import BundleExistsError
 from detector.checkpoint.objects import ObjectStoreError
 from detector.checkpoint.tree import CheckpointFormatError
@@ -27,6 +28,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     MissingExtraError,
     PretrainedReferenceError,
     ObjectStoreError,
+    Int8CheckError,
 )
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 

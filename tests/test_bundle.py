@@ -63,12 +63,13 @@ def test_metadata_holds_provenance_thresholds_and_the_given_fields(bundle):
     assert {k: meta[k] for k in given} == given
     assert set(meta) == set(given) | {
         "format", "format_version", "name", "created_at", "labels", "default_threshold",
-        "onnx_max_abs_logit_diff", "packages", "git",
+        "onnx_max_abs_logit_diff", "int8", "packages", "git",
     }  # fmt: skip
     assert meta["name"] == "model_v1.0_epoch3"
     assert meta["default_threshold"] == 0.5
     assert meta["labels"] == {"0": "human", "1": "machine"}
     assert meta["onnx_max_abs_logit_diff"] is None
+    assert meta["int8"] is None  # no model_int8.onnx
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["created_at"])
     assert meta["packages"]["torch"] == torch.__version__
     assert set(meta["git"]) == {"commit", "dirty"}

@@ -16,6 +16,7 @@ from callbacks.ema import EMACallback
 from callbacks.inference_export import InferenceExportCallback
 from detector.atomic import clean_stale_temps, temp_path_for
 from detector.bundle.export import existing_bundles, export_checkpoint, remove_bundle
+from detector.bundle.quantize import Int8CheckError
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import read_metadata
 from detector.data import DetectorDataModule
@@ -349,3 +350,32 @@ def test_export_checkpoint_ships_the_chosen_weights(
 def test_without_dirpath_bundles_go_under_the_trainers_default_root_dir(tmp_path, bundle_tokenizer):
     _fit(tmp_path, bundle_tokenizer, InferenceExportCallback(), [0.5])
     assert _names(tmp_path / "models" / "inference") == ["model_v1.0_epoch0", "model_v1.0_final"]
+
+
+@pytest.mark.slow
+def test_quantize_writes_a_checked_int8_model_into_each_bundle(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(
+        dirpath=str(tmp_path / "inference"), quantize=True, max_auroc_drop=1.0, max_decision_change=1.0
+    )
+    _fit(tmp_path, bundle_tokenizer, callback, [0.5])
+    for name in ("model_v1.0_epoch0", "model_v1.0_final"):
+        bundle = tmp_path / "inference" / name
+        assert {"model.onnx", "model_int8.onnx"} <= set(_names(bundle))
+        entry = read_metadata(bundle)["int8"]
+        assert entry["checked_on"] == "validation set (15 human, 15 machine texts)"
+        assert (entry["max_auroc_drop"], entry["max_decision_change"]) == (1.0, 1.0)
+
+
+def test_quantize_past_a_limit_stops_the_run_and_writes_no_bundle(tmp_path, bundle_tokenizer):
+    callback = InferenceExportCallback(
+        dirpath=str(tmp_path / "inference"), quantize=True, max_decision_change=0.0
+    )
+    with pytest.raises(Int8CheckError, match=r"^int8 model refused, bundle not written: "):
+        _fit(tmp_path, bundle_tokenizer, callback, [0.5])
+    assert _names(tmp_path / "inference") == []
+
+
+@pytest.mark.parametrize("limit", ["max_auroc_drop", "max_decision_change"])
+def test_quantize_limits_outside_zero_one_are_refused(limit):
+    with pytest.raises(ValueError, match=rf"^{limit} must be in \[0, 1\], got 1.5$"):
+        InferenceExportCallback(quantize=True, **{limit: 1.5})

@@ -87,6 +87,29 @@ python -m detector score {bundle} texts.jsonl --output scores.jsonl
 """
 
 
+def _int8_section(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    sizes = entry.get("size_bytes") or {}
+    size = " / ".join(f"`{name}` {value / 1e6:.1f} MB" for name, value in sizes.items())
+    return f"""## int8 model (`{entry["file"]}`)
+
+A dynamically quantized copy of `model.onnx` for CPU scoring ({entry["quantization"]}), with its
+own threshold: predict `machine` when its P(machine) > **{entry["decision_threshold"]!r}**, chosen on
+{entry["threshold_source"]} (FPR {entry["threshold_val_fpr"]!r}, TPR {entry["threshold_val_tpr"]!r}).
+Checked against the float model on the {entry["checked_on"]}: AUROC {entry["auroc_float"]:.4f} (float)
+vs {entry["auroc_int8"]:.4f} (int8, limit: a drop of {entry["max_auroc_drop"]:g}); decisions changed
+on {entry["decision_change"]:.2%} of texts, each model at its own threshold (limit
+{entry["max_decision_change"]:.2%}; {entry["decision_change_at_float_threshold"]:.2%} at the float
+threshold). Sizes: {size}.
+
+```bash
+python -m detector score BUNDLE texts.jsonl --backend onnx-int8
+```
+
+"""
+
+
 def render_card(name: str, bundle: str, metadata: dict[str, Any]) -> str:
     """The full ``README.md`` text for bundle ``name`` at path ``bundle`` from its training metadata."""
     threshold = metadata["decision_threshold"]
@@ -99,6 +122,8 @@ def render_card(name: str, bundle: str, metadata: dict[str, Any]) -> str:
     onnx_line = (
         f"- `model.onnx`: ONNX, max abs logit difference to PyTorch {diff:.2e}\n" if diff is not None else ""
     )
+    int8 = metadata.get("int8")
+    int8_line = f"- `{int8['file']}`: its int8 copy for CPU scoring (see above)\n" if int8 else ""
     return f"""---
 {matter}---
 
@@ -121,7 +146,7 @@ plain argmax (the pipeline's top label) is the 0.5 threshold. Texts are truncate
 |---|---|
 {metrics}
 
-## Usage
+{_int8_section(int8)}## Usage
 
 {_examples(bundle, threshold, metadata["max_length"])}
 ## Files
@@ -130,7 +155,7 @@ plain argmax (the pipeline's top label) is the 0.5 threshold. Texts are truncate
 - `tokenizer.json`, `tokenizer_config.json`: the tokenizer
 - `training_metadata.json`: version, date, epoch, step, metrics, checkpoint, seed, resolved config,
   package versions, git commit, training-data fingerprint, thresholds
-{onnx_line}
+{onnx_line}{int8_line}
 TorchScript is not offered: it is deprecated by PyTorch, Lightning and transformers. Use ONNX
 (above) or `torch.export`.
 """

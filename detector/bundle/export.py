@@ -18,6 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detector.atomic import fsync_dir, remove_path
+from detector.bundle.quantize import Int8Check
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import METADATA_FILE, write_bundle
 from detector.checkpoint.objects import is_url
@@ -223,6 +224,7 @@ def export_checkpoint(
     val_scores: tuple[Tensor, Tensor] | None = None,
     target_fpr: float = DEFAULT_TARGET_FPR,
     onnx: bool = False,
+    int8: Int8Check | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     load_state: Callable[[Path | str], Mapping[str, Any]] | None = None,
 ) -> Path | str:
@@ -237,6 +239,9 @@ def export_checkpoint(
         use_ema: ship the EMA weights when the checkpoint holds them.
         val_scores: validation ``(probs, labels)`` of these weights, for the threshold at
             ``target_fpr``; without them the threshold is 0.5 and the metadata says why.
+        onnx: also write ``model.onnx``.
+        int8: also write ``model_int8.onnx``, checked on these validation texts (see
+            :func:`detector.bundle.writer.write_bundle`).
         extra_metadata: fields that override those read from the checkpoint (e.g. ``metrics``).
         load_state: reads the checkpoint dict; defaults to
             :func:`detector.checkpoint.reader.load_checkpoint_state`.
@@ -263,4 +268,4 @@ def export_checkpoint(
         **(extra_metadata or {}),
     }
     name = name or bundle_name(version, epoch)
-    return write_bundle(model, tokenizer, out_root, name, metadata, weights=weights, onnx=onnx)
+    return write_bundle(model, tokenizer, out_root, name, metadata, weights=weights, onnx=onnx, int8=int8)

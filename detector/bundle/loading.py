@@ -18,12 +18,14 @@ from transformers import (
 
 from detector.bundle.integrity import BundleIntegrityError, check_finite, verify_bundle
 from detector.bundle.onnx import ONNX_FILE, encode
+from detector.bundle.quantize import INT8_FILE
 from detector.bundle.remote import download_bundle, named_as
 from detector.bundle.writer import METADATA_FILE, read_metadata
 from detector.checkpoint.objects import is_url
 from detector.scoring import DEFAULT_THRESHOLD, decision, prob_machine
 
-Backend = Literal["torch", "onnx"]
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[Backend, ...] = ("torch", "onnx", "onnx-int8")
 WEIGHTS_FILE = "model.safetensors"
 LogitsFn = Callable[[dict[str, torch.Tensor]], np.ndarray]
 # Texts are length-sorted within windows of this many batches; `detector score` reads its input in
@@ -68,10 +70,17 @@ def _safetensors_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise BundleIntegrityError(f"{path}: not a readable safetensors file ({err})") from err
 
 
-def _onnx_logits(bundle: Path) -> LogitsFn:
-    path = bundle / ONNX_FILE
+# What to do when a backend's file is missing from a bundle.
+MISSING_HINTS = {
+    ONNX_FILE: "export the bundle with onnx=True (--onnx), or use backend='torch'",
+    INT8_FILE: "export the bundle with --quantize (quantize=True), or use backend 'onnx' or 'torch'",
+}
+
+
+def onnx_session_logits(path: Path) -> LogitsFn:
+    """A :class:`Detector`'s logits function over the ONNX model at ``path`` (ONNX Runtime, CPU)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: export the bundle with onnx=True, or use backend='torch'")
+        raise FileNotFoundError(f"{path} not found: {MISSING_HINTS.get(path.name, 'not an ONNX model')}")
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -80,6 +89,15 @@ def _onnx_logits(bundle: Path) -> LogitsFn:
         return session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})[0]
 
     return logits
+
+
+def _int8_threshold(bundle: Path, metadata: dict[str, Any]) -> float:
+    entry = metadata.get("int8")
+    if not isinstance(entry, dict) or not isinstance(entry.get("decision_threshold"), int | float):
+        raise BundleIntegrityError(
+            f"{bundle / METADATA_FILE}: no int8.decision_threshold for {INT8_FILE}; export with --quantize"
+        )
+    return float(entry["decision_threshold"])
 
 
 class Detector:
@@ -143,8 +161,10 @@ def load_detector(
 
     Args:
         bundle: a bundle folder written by :func:`detector.bundle.writer.write_bundle`.
-        backend: ``"torch"`` (``model.safetensors``) or ``"onnx"`` (``model.onnx``).
-        threshold: overrides the stored ``decision_threshold``.
+        backend: ``"torch"`` (``model.safetensors``), ``"onnx"`` (``model.onnx``) or ``"onnx-int8"``
+            (``model_int8.onnx``, written by ``export --quantize``; scored at its own threshold,
+            ``training_metadata.json``'s ``int8.decision_threshold``).
+        threshold: overrides the stored ``decision_threshold`` (the int8 one for ``"onnx-int8"``).
         device: the PyTorch device; ONNX Runtime runs on the CPU.
         verify: check every file against the bundle's ``SHA256SUMS`` first
             (:func:`detector.bundle.integrity.verify_bundle`); ``False`` for a bundle edited on purpose.
@@ -167,12 +187,15 @@ def load_detector(
     metadata = read_metadata(bundle)
     if backend == "torch":
         logits_fn = _torch_logits(bundle, device)
-    elif backend == "onnx":
+    elif backend in ("onnx", "onnx-int8"):
         if (bundle / WEIGHTS_FILE).is_file():
             check_finite(_safetensors_weights(bundle / WEIGHTS_FILE), bundle / WEIGHTS_FILE)
-        logits_fn = _onnx_logits(bundle)
+        logits_fn = onnx_session_logits(bundle / (ONNX_FILE if backend == "onnx" else INT8_FILE))
     else:
-        raise ValueError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     tokenizer = _from_bundle(bundle, "tokenizer", AutoTokenizer.from_pretrained)
-    chosen = metadata["decision_threshold"] if threshold is None else threshold
+    stored = metadata["decision_threshold"]
+    if backend == "onnx-int8":
+        stored = _int8_threshold(bundle, metadata)
+    chosen = stored if threshold is None else threshold
     return Detector(tokenizer, logits_fn, chosen, metadata["max_length"], metadata)

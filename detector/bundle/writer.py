@@ -1,9 +1,10 @@
 """Write an inference bundle: a Hugging Face model folder plus metadata and card, atomically, no pickle.
 
 A bundle ``root/name/`` holds ``config.json``, ``model.safetensors`` (full, unsharded), the tokenizer
-files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx``. It
-loads with ``AutoModelForSequenceClassification.from_pretrained`` and ``transformers.pipeline``
-without any ``detector`` code, and with :func:`detector.bundle.loading.load_detector`.
+files, ``training_metadata.json``, ``README.md`` (a model card) and, optionally, ``model.onnx`` and
+its int8 copy ``model_int8.onnx``. It loads with ``AutoModelForSequenceClassification.from_pretrained``
+and ``transformers.pipeline`` without any ``detector`` code, and with
+:func:`detector.bundle.loading.load_detector`.
 
 Everything is written into a hidden temporary folder inside ``root`` and committed by
 :func:`detector.atomic.new_dir` (``.{name}.tmp-{pid}-{random}``, which no bundle listing matches and
@@ -17,10 +18,11 @@ export here (``onnx=True``) or ``torch.export``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from detector.bundle.card import render_card
 from detector.bundle.integrity import BundleIntegrityError, write_manifest
 from detector.bundle.onnx import export_and_check, require_onnx
 from detector.bundle.provenance import git_state, package_versions, utc_now
+from detector.bundle.quantize import Int8Check, add_int8
 from detector.bundle.remote import download_bundle, is_complete, local_bundle_root, upload_bundle
 from detector.checkpoint.objects import is_url, join
 from detector.scoring import DEFAULT_THRESHOLD, ID2LABEL, LABEL2ID
@@ -127,6 +130,7 @@ def training_metadata(metadata: Mapping[str, Any], model: PreTrainedModel, name:
         "max_length": int(model.config.max_position_embeddings),
         "default_threshold": DEFAULT_THRESHOLD,
         "onnx_max_abs_logit_diff": None,
+        "int8": None,
         "packages": package_versions(),
         "git": git_state(),
     }
@@ -143,6 +147,19 @@ def _write_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, max_lengt
         _write_json(config_file, config)
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    # One file, no shards: transformers' "Writing model shards" and "Loading weights" bars would only
+    # clutter the console (and the one-line errors of the commands).
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
 def _write_contents(
     folder: Path,
     model: PreTrainedModel,
@@ -150,23 +167,21 @@ def _write_contents(
     weights: Mapping[str, Tensor] | None,
     metadata: dict[str, Any],
     onnx: bool,
+    int8: Int8Check | None = None,
 ) -> None:
     state = {k: v.detach().cpu() for k, v in weights.items()} if weights is not None else None
-    # One file, no shards: transformers' "Writing model shards" bar would only clutter the console.
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _no_progress_bar():
         model.save_pretrained(folder, state_dict=state, max_shard_size=NO_SHARDING)
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
     _write_tokenizer(tokenizer, folder, metadata["max_length"])
     if onnx:
         # Export from the bundle's own files, so the ONNX graph holds exactly the weights shipped.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+        with _no_progress_bar():
+            reloaded = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
         metadata["onnx_max_abs_logit_diff"] = export_and_check(
             reloaded, tokenizer, folder, metadata["max_length"]
         )
+        if int8 is not None:
+            add_int8(folder, reloaded, tokenizer, metadata, int8)
     _write_json(folder / METADATA_FILE, metadata)
 
 
@@ -180,6 +195,7 @@ def write_bundle(
     weights: Mapping[str, Tensor] | None = None,
     onnx: bool = False,
     location: str | None = None,
+    int8: Int8Check | None = None,
 ) -> Path | str:
     """Write the bundle ``root/name/`` atomically and return its path.
 
@@ -198,16 +214,21 @@ def write_bundle(
             instead of the model's own; DTensors must be gathered to full tensors by the caller.
         onnx: also write ``model.onnx``, checked against PyTorch (max abs logit diff <= 1e-4).
         location: where the bundle will be read from, for its model card (default: where it is written).
+        int8: also write ``model_int8.onnx`` (implies ``onnx``), quantized from ``model.onnx`` and
+            checked on ``int8``'s validation texts; its threshold and check go to the metadata's
+            ``int8`` entry (:func:`detector.bundle.quantize.add_int8`).
 
     Raises:
         BundleExistsError: ``root/name`` exists.
         ValueError: bad name, labels, weights or metadata, or an ONNX mismatch.
+        Int8CheckError: the int8 model is past ``int8``'s limits (nothing is written).
         ImportError: ``onnx`` without the ``onnx`` extra installed (the message says how to install it).
     """
     if is_url(root):
-        return _write_remote(model, tokenizer, str(root), name, metadata, weights, onnx)
+        return _write_remote(model, tokenizer, str(root), name, metadata, weights, onnx, int8)
     root = Path(root)
     final = _check_name(root, name)
+    onnx = onnx or int8 is not None
     if onnx:
         require_onnx()
     _check_model(model, weights)
@@ -215,7 +236,7 @@ def write_bundle(
     root.mkdir(parents=True, exist_ok=True)
     try:
         with new_dir(final) as tmp:
-            _write_contents(tmp, model, tokenizer, weights, completed, onnx)
+            _write_contents(tmp, model, tokenizer, weights, completed, onnx, int8)
             (tmp / CARD_FILE).write_text(render_card(name, location or str(final), completed))
             write_manifest(tmp)
     except FileExistsError as err:
@@ -235,13 +256,22 @@ def _write_remote(
     metadata: Mapping[str, Any],
     weights: Mapping[str, Tensor] | None,
     onnx: bool,
+    int8: Int8Check | None,
 ) -> str:
     final = join(root, name)
     if is_complete(final):
         raise BundleExistsError(f"bundle {final} exists; bundles are never overwritten")
     with local_bundle_root() as local_root:
         local = write_bundle(
-            model, tokenizer, local_root, name, metadata, weights=weights, onnx=onnx, location=final
+            model,
+            tokenizer,
+            local_root,
+            name,
+            metadata,
+            weights=weights,
+            onnx=onnx,
+            location=final,
+            int8=int8,
         )
         try:
             return upload_bundle(Path(local), final)

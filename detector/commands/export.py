@@ -12,6 +12,12 @@ import torch
 from detector.bundle.export import checkpoint_weights, export_checkpoint
 from detector.bundle.loading import Detector, model_logits
 from detector.bundle.onnx import require_onnx
+from detector.bundle.quantize import (
+    DEFAULT_MAX_AUROC_DROP,
+    DEFAULT_MAX_DECISION_CHANGE,
+    Int8Check,
+    check_limits,
+)
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.errors import user_error
 from detector.module import DetectorModule
@@ -48,13 +54,32 @@ def _parser() -> argparse.ArgumentParser:
         "--target-fpr", type=float, default=0.01, help="validation false-positive rate the threshold aims at"
     )
     parser.add_argument("--onnx", action="store_true", help="also write a checked model.onnx")
+    parser.add_argument(
+        "--quantize",
+        action="store_true",
+        help="also write model_int8.onnx (implies --onnx), checked against the float model on --val-data "
+        "(required) with its own threshold",
+    )
+    parser.add_argument(
+        "--max-auroc-drop", type=float, default=DEFAULT_MAX_AUROC_DROP,
+        help="--quantize: refuse when the int8 AUROC on --val-data is lower than the float one by more",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-decision-change", type=float, default=DEFAULT_MAX_DECISION_CHANGE,
+        help="--quantize: refuse when a larger share of --val-data texts changes its decision "
+        "(the float model at its threshold, the int8 model at its own)",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Export ``checkpoint`` to a bundle; print its path. 2 on bad input (one line on stderr)."""
     args = _parser().parse_args(argv)
-    if args.onnx:
+    wrong = _quantize_options(args)
+    if wrong:
+        print(f"detector export: error: {wrong}", file=sys.stderr)
+        return 2
+    if args.onnx or args.quantize:
         try:
             require_onnx()
         except ImportError as err:
@@ -68,6 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _quantize_options(args: argparse.Namespace) -> str | None:
+    try:
+        check_limits(args.max_auroc_drop, args.max_decision_change)
+    except ValueError as err:
+        return f"--{err}".replace("_", "-")
+    if args.quantize and not args.val_data:
+        return (
+            "--quantize needs --val-data: the int8 model is checked against the float one "
+            "(AUROC, decisions changed) and its threshold chosen on labelled validation texts"
+        )
+    return None
+
+
 def export(args: argparse.Namespace) -> Path | str:
     """The export ``args`` ask for; returns the bundle's path."""
     checkpoint = load_checkpoint_state(args.checkpoint)
@@ -79,9 +117,13 @@ def export(args: argparse.Namespace) -> Path | str:
     model.load_state_dict(weights)
     max_length = int(checkpoint.get("datamodule_hyper_parameters", {}).get("max_length", 512))
     val_scores = score_file(model, tokenizer, args.val_data, max_length) if args.val_data else None
+    int8 = None
+    if args.quantize:
+        records = read_records(args.val_data)
+        int8 = Int8Check(records.text, records.label, args.max_auroc_drop, args.max_decision_change)  # type: ignore[arg-type]
     path = export_checkpoint(
         args.checkpoint, args.out, model, tokenizer, version=args.version, name=args.name,
-        use_ema=not args.no_ema, val_scores=val_scores, target_fpr=args.target_fpr, onnx=args.onnx,
+        use_ema=not args.no_ema, val_scores=val_scores, target_fpr=args.target_fpr, onnx=args.onnx, int8=int8,
         extra_metadata={"max_length": max_length}, load_state=lambda _: checkpoint,
     )  # fmt: skip
     return path

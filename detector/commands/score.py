@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from detector.atomic import open_for_write
-from detector.bundle.loading import WINDOW_BATCHES, Detector, load_detector
+from detector.bundle.loading import BACKENDS, WINDOW_BATCHES, Detector, load_detector
 from detector.commands import add_no_verify
 
 Record = tuple[Any, str]  # (id or None, text)
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=FORMATS, default="auto", help="input format (auto: by suffix; stdin: jsonl)"
     )
     parser.add_argument(
-        "--backend", choices=("torch", "onnx"), default="torch", help="PyTorch or ONNX Runtime (model.onnx)"
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="PyTorch (model.safetensors), ONNX Runtime fp32 (model.onnx) or int8 (model_int8.onnx, "
+        "from export --quantize, at its own threshold)",
     )
     parser.add_argument(
         "--threshold", type=float, default=None, help="override the bundle's decision threshold"

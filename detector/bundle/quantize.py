@@ -1,0 +1,188 @@
+"""An int8 copy of a bundle's ONNX model for CPU scoring, checked against the float model before it ships.
+
+ONNX Runtime's dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) turns the
+weights of the fp32 ``model.onnx`` into int8 and quantizes activations on the fly, per batch; no
+calibration data is needed. What it costs in quality is measured on labelled validation texts, each
+model scored by :class:`detector.bundle.loading.Detector` exactly as ``detector score`` scores them:
+the AUROC of both and the share of texts whose decision changes, the float model at its threshold
+and the int8 model at its own, re-chosen on its own scores with the same rule. Past the limits the
+bundle is refused (:class:`Int8CheckError`); the writer then leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from detector.bundle.onnx import ONNX_FILE
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
+
+INT8_FILE = "model_int8.onnx"
+DEFAULT_MAX_AUROC_DROP = 0.005
+DEFAULT_MAX_DECISION_CHANGE = 0.01
+CHECK_BATCH_SIZE = 32  # `detector score`'s default, so the threshold is chosen on the numbers it yields
+
+
+class Int8CheckError(ValueError):
+    """The int8 model differs from the float one past a limit; the bundle is not written."""
+
+
+def check_limits(max_auroc_drop: float, max_decision_change: float) -> None:
+    """Raise ValueError naming the limit that is not in ``[0, 1]``."""
+    for name, value in (("max_auroc_drop", max_auroc_drop), ("max_decision_change", max_decision_change)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class Int8Check:
+    """Labelled validation texts and the limits the int8 model must stay within.
+
+    Args:
+        texts: validation texts (the export's ``--val-data``, the datamodule's validation split).
+        labels: 0 (human) or 1 (machine) per text; both classes must be present.
+        max_auroc_drop: refuse when AUROC(float) - AUROC(int8) exceeds this.
+        max_decision_change: refuse when a larger share of texts changes its decision.
+    """
+
+    texts: Sequence[str]
+    labels: Sequence[int]
+    max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP
+    max_decision_change: float = DEFAULT_MAX_DECISION_CHANGE
+
+    def __post_init__(self) -> None:
+        check_limits(self.max_auroc_drop, self.max_decision_change)
+        labels = np.asarray(list(self.labels))
+        if len(self.texts) != labels.size:
+            raise ValueError(f"texts and labels differ in length: {len(self.texts)} vs {labels.size}")
+        if not (np.isin(labels, (0, 1)).all() and {0, 1} <= set(labels.tolist())):
+            raise ValueError(
+                "the int8 check needs labelled validation texts of both classes (0 human, 1 machine)"
+            )
+
+    def label_array(self) -> np.ndarray:
+        """The labels as an int64 array."""
+        return np.asarray(list(self.labels), dtype=np.int64)
+
+
+def quantize_onnx(source: Path, target: Path) -> None:
+    """Write the dynamically quantized (int8 weights, per-tensor) copy of ``source`` to ``target``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # ORT suggests its shape-inference pre-pass on the root logger; the dynamo export has the shapes.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def _probs(
+    tokenizer: PreTrainedTokenizerBase, logits_fn: Any, texts: Sequence[str], max_length: int
+) -> np.ndarray:
+    from detector.bundle.loading import Detector  # loading imports the writer, which imports this module
+
+    detector = Detector(tokenizer, logits_fn, max_length=max_length)
+    return np.array([row["prob_machine"] for row in detector.score(texts, batch_size=CHECK_BATCH_SIZE)])
+
+
+def _auroc(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(binary_auroc(torch.from_numpy(probs), torch.from_numpy(labels)))
+
+
+def int8_threshold(probs: np.ndarray, labels: np.ndarray, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The int8 threshold fields, by the rule that gave ``metadata``'s float threshold, on ``probs``."""
+    n_human = int((labels == 0).sum())
+    data = f"validation set ({n_human} human, {labels.size - n_human} machine texts)"
+    if str(metadata["threshold_source"]).startswith("default"):
+        threshold = float(metadata["decision_threshold"])
+        source = f"the float model's default {threshold!r} (it was not chosen on data either)"
+    else:
+        threshold = threshold_at_fpr(probs, labels, metadata["target_fpr"])
+        source = f"the int8 model's own scores on the {data}, for target_fpr {metadata['target_fpr']!r}"
+    fpr, tpr = rates_at_threshold(probs, labels, threshold)
+    return {"decision_threshold": threshold, "threshold_source": source,
+            "threshold_val_fpr": fpr, "threshold_val_tpr": tpr, "checked_on": data}  # fmt: skip
+
+
+def compare(
+    float_probs: np.ndarray, int8_probs: np.ndarray, check: Int8Check, metadata: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``int8`` metadata entry: its threshold, both AUROCs and the share of decisions changed."""
+    labels = check.label_array()
+    fields = int8_threshold(int8_probs, labels, metadata)
+    float_threshold = float(metadata["decision_threshold"])
+    float_says = float_probs > float_threshold
+    auroc_float, auroc_int8 = _auroc(float_probs, labels), _auroc(int8_probs, labels)
+    return {
+        "file": INT8_FILE,
+        **fields,
+        "auroc_float": auroc_float,
+        "auroc_int8": auroc_int8,
+        "auroc_drop": auroc_float - auroc_int8,
+        "decision_change": float((float_says != (int8_probs > fields["decision_threshold"])).mean()),
+        "decision_change_at_float_threshold": float((float_says != (int8_probs > float_threshold)).mean()),
+        "max_abs_prob_diff": float(np.abs(float_probs - int8_probs).max()),
+        "max_auroc_drop": check.max_auroc_drop,
+        "max_decision_change": check.max_decision_change,
+        "quantization": "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per tensor)",
+    }
+
+
+def refusal(entry: dict[str, Any]) -> str | None:
+    """Why the int8 model in ``entry`` is refused, or None when it is within both limits."""
+    summary = (
+        f"AUROC float {entry['auroc_float']:.4f}, int8 {entry['auroc_int8']:.4f}; decisions changed on "
+        f"{entry['decision_change']:.2%} of the {entry['checked_on']}"
+    )
+    if entry["auroc_drop"] > entry["max_auroc_drop"]:
+        drop, limit = entry["auroc_drop"], entry["max_auroc_drop"]
+        return f"AUROC drops by {drop:.4f} > max_auroc_drop {limit:g} ({summary})"
+    if entry["decision_change"] > entry["max_decision_change"]:
+        return (
+            f"decisions change on {entry['decision_change']:.2%} of texts > max_decision_change "
+            f"{entry['max_decision_change']:g} ({summary})"
+        )
+    return None
+
+
+def add_int8(
+    folder: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    metadata: dict[str, Any],
+    check: Int8Check,
+) -> None:
+    """Quantize ``folder/model.onnx`` to ``folder/model_int8.onnx``, check it, record ``metadata["int8"]``.
+
+    ``model`` is the float model shipped in ``folder`` (the reference); ``metadata`` holds the float
+    ``decision_threshold``, its ``threshold_source`` and ``target_fpr``.
+
+    Raises:
+        Int8CheckError: past ``check``'s limits; the message gives both AUROCs and the decision change.
+    """
+    from detector.bundle.loading import model_logits, onnx_session_logits
+
+    quantize_onnx(folder / ONNX_FILE, folder / INT8_FILE)
+    max_length = metadata["max_length"]
+    float_probs = _probs(tokenizer, model_logits(model), check.texts, max_length)
+    int8_probs = _probs(tokenizer, onnx_session_logits(folder / INT8_FILE), check.texts, max_length)
+    entry = compare(float_probs, int8_probs, check, metadata)
+    entry["size_bytes"] = {
+        ONNX_FILE: (folder / ONNX_FILE).stat().st_size,
+        INT8_FILE: (folder / INT8_FILE).stat().st_size,
+    }
+    reason = refusal(entry)
+    if reason is not None:
+        raise Int8CheckError(f"int8 model refused, bundle not written: {reason}")
+    metadata["int8"] = entry

@@ -1,0 +1,216 @@
+"""``export --quantize``: the int8 ONNX model, its check against the float model, its threshold, its use."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_jsonl
+
+from detector.__main__ import main
+from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError, file_digest, read_manifest
+from detector.bundle.loading import load_detector
+from detector.bundle.quantize import INT8_FILE, Int8Check, compare, refusal
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.checkpoint.format import save_state
+from detector.demo import demo_rows
+from detector.module import DetectorModule
+from detector.tokenizer import tokenizer_files
+
+TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+LOOSE = ["--max-auroc-drop", "1", "--max-decision-change", "1"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    """A checkpoint of a tiny classifier and a labelled validation file."""
+    root = tmp_path_factory.mktemp("quantize")
+    torch.manual_seed(3)
+    module = DetectorModule(arch=TINY, vocab_size=len(tokenizer))
+    checkpoint = {
+        "epoch": 1,
+        "global_step": 8,
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": {"max_length": 48},
+        "DetectorDataModule": {"tokenizer_files": tokenizer_files(tokenizer)},
+    }
+    save_state(checkpoint, root / "c.safetensors")
+    return {
+        "root": root,
+        "checkpoint": root / "c.safetensors",
+        "val": write_jsonl(root / "val.jsonl", demo_rows(80, seed=7)),
+    }
+
+
+def export(files, out, *extra):
+    main(["export", str(files["checkpoint"]), "--out", str(out), "--val-data", str(files["val"]), *extra])
+    return out / "model_v1.0_epoch1"
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(files):
+    return export(files, files["root"] / "out", "--quantize", "--target-fpr", "0.2", *LOOSE)
+
+
+def scores(bundle, data, tmp_path, backend):
+    out = tmp_path / f"{backend}.jsonl"
+    main(["score", str(bundle), str(data), "--backend", backend, "--output", str(out)])
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_quantize_adds_the_int8_file_and_sha256sums_lists_it(int8_bundle):
+    names = {p.name for p in int8_bundle.iterdir()}
+    assert {"model.onnx", INT8_FILE, "model.safetensors", MANIFEST_FILE} <= names
+    assert read_manifest(int8_bundle)[INT8_FILE] == file_digest(int8_bundle / INT8_FILE)
+    # Quantized, not copied: smaller than the fp32 graph, and recorded so.
+    sizes = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]["size_bytes"]
+    assert sizes == {
+        "model.onnx": (int8_bundle / "model.onnx").stat().st_size,
+        INT8_FILE: (int8_bundle / INT8_FILE).stat().st_size,
+    }
+    assert sizes[INT8_FILE] < sizes["model.onnx"]
+
+
+def test_int8_threshold_is_chosen_on_the_int8_scores_that_score_yields(int8_bundle, files, tmp_path):
+    metadata = json.loads((int8_bundle / "training_metadata.json").read_text())
+    entry = metadata["int8"]
+    labels = [row["label"] for row in demo_rows(80, seed=7)]
+    int8 = scores(int8_bundle, files["val"], tmp_path, "onnx-int8")
+    probs = [row["prob_machine"] for row in int8]
+    assert entry["decision_threshold"] == threshold_at_fpr(probs, labels, 0.2)
+    assert (entry["threshold_val_fpr"], entry["threshold_val_tpr"]) == rates_at_threshold(
+        probs, labels, entry["decision_threshold"]
+    )
+    assert all(row["is_machine"] == (row["prob_machine"] > entry["decision_threshold"]) for row in int8)
+    assert entry["threshold_source"].startswith("the int8 model's own scores on the validation set (")
+    # The float threshold is untouched: still the float model's own.
+    torch_probs = [row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "torch")]
+    assert metadata["decision_threshold"] == threshold_at_fpr(torch_probs, labels, 0.2)
+    changed = np.mean(
+        [
+            (f > metadata["decision_threshold"]) != (q > entry["decision_threshold"])
+            for f, q in zip(torch_probs, probs, strict=True)
+        ]
+    )
+    assert entry["decision_change"] == changed
+
+
+def test_int8_scores_track_the_fp32_scores(int8_bundle, files, tmp_path):
+    int8 = np.array([row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "onnx-int8")])
+    fp32 = np.array([row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "onnx")])
+    torch_probs = np.array(
+        [row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "torch")]
+    )
+    recorded = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]["max_abs_prob_diff"]
+    assert recorded == np.abs(torch_probs - int8).max()
+    assert 0 < np.abs(fp32 - int8).max() < 1e-3  # quantized (not identical), yet close
+
+
+def test_the_card_records_the_int8_threshold_and_check(int8_bundle):
+    entry = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]
+    card = (int8_bundle / "README.md").read_text()
+    assert f"## int8 model (`{INT8_FILE}`)" in card
+    assert f"P(machine) > **{entry['decision_threshold']!r}**" in card
+    assert f"AUROC {entry['auroc_float']:.4f} (float)" in card
+    assert "--backend onnx-int8" in card
+
+
+def test_an_altered_int8_file_is_refused_on_load(int8_bundle, tmp_path, capsys):
+    copy = shutil.copytree(int8_bundle, tmp_path / "copy")
+    data = bytearray((copy / INT8_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (copy / INT8_FILE).write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=f"{INT8_FILE}: SHA-256 mismatch"):
+        load_detector(copy, backend="onnx-int8")
+    (tmp_path / "t.txt").write_text("a text\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["score", str(copy), str(tmp_path / "t.txt"), "--backend", "onnx-int8"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{INT8_FILE}: SHA-256 mismatch" in err
+
+
+def test_onnx_int8_backend_without_the_file_says_to_export_with_quantize(saved_onnx_bundle, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a text\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["score", str(saved_onnx_bundle), str(tmp_path / "t.txt"), "--backend", "onnx-int8"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    hint = "export the bundle with --quantize (quantize=True), or use backend 'onnx' or 'torch'"
+    assert err == f"detector score: error: {saved_onnx_bundle / INT8_FILE} not found: {hint}\n"
+
+
+def test_a_check_past_the_limit_refuses_and_writes_nothing(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        export(files, tmp_path / "out", "--quantize", "--max-decision-change", "0")
+    assert stop.value.code == 2
+    err = capsys.readouterr().err  # the ONNX exporter may log its own warnings first
+    assert err.count("error:") == 1
+    refused = "detector export: error: int8 model refused, bundle not written: decisions change on "
+    assert err.splitlines()[-1].startswith(refused)
+    assert list((tmp_path / "out").iterdir()) == []  # no bundle, no temp folder
+
+
+def test_quantize_without_validation_data_is_refused_before_any_work(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(files["checkpoint"]), "--out", str(tmp_path / "out"), "--quantize"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("detector export: error: --quantize needs --val-data") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--max-auroc-drop", "-0.1"), ("--max-decision-change", "1.5")]
+)
+def test_limits_outside_zero_one_are_refused_naming_the_option(files, tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit):
+        main(["export", str(files["checkpoint"]), "--out", str(tmp_path), "--quantize", option, value])
+    assert (
+        capsys.readouterr().err == f"detector export: error: {option} must be in [0, 1], got {float(value)}\n"
+    )
+
+
+def test_compare_measures_auroc_and_decisions_each_at_its_own_threshold():
+    labels = [0, 0, 0, 0, 1, 1, 1, 1]
+    float_probs = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    int8_probs = np.array([0.1, 0.2, 0.35, 0.5, 0.45, 0.55, 0.8, 0.9])  # scores shifted down around 0.5
+    check = Int8Check(["t"] * 8, labels, max_auroc_drop=0.05, max_decision_change=0.1)
+    metadata = {"decision_threshold": 0.6, "threshold_source": "validation set", "target_fpr": 0.0}
+    entry = compare(float_probs, int8_probs, check, metadata)
+    # AUROC: float 15/16 (machine 0.4 below human 0.6); int8 15/16 (machine 0.45 below human 0.5).
+    assert (entry["auroc_float"], entry["auroc_int8"], entry["auroc_drop"]) == (15 / 16, 15 / 16, 0.0)
+    assert entry["decision_threshold"] == 0.5  # the highest int8 human score, for FPR 0
+    # Float at 0.6: machine for 0.7, 0.8, 0.9. Int8 at its own 0.5: 0.55, 0.8, 0.9, the same texts...
+    assert entry["decision_change"] == 0.0
+    # ...while at the float threshold the text at 0.55 would turn human.
+    assert entry["decision_change_at_float_threshold"] == 1 / 8
+    assert refusal(entry) is None
+    assert refusal({**entry, "auroc_drop": 0.0625}).startswith(
+        "AUROC drops by 0.0625 > max_auroc_drop 0.05 ("
+    )
+    assert refusal({**entry, "decision_change": 0.125}).startswith(
+        "decisions change on 12.50% of texts > max_decision_change 0.1 ("
+    )
+
+
+def test_int8_check_needs_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        Int8Check(["a", "b"], [1, 1])
+
+
+def test_int8_keeps_the_default_threshold_when_the_float_one_is_a_default():
+    labels = [0, 0, 1, 1]
+    check = Int8Check(["t"] * 4, labels)
+    metadata = {
+        "decision_threshold": 0.5,
+        "threshold_source": "default 0.5: no validation scores",
+        "target_fpr": 0.01,
+    }
+    entry = compare(np.array([0.2, 0.6, 0.4, 0.9]), np.array([0.2, 0.4, 0.6, 0.9]), check, metadata)
+    assert entry["decision_threshold"] == 0.5
+    assert entry["threshold_source"] == "the float model's default 0.5 (it was not chosen on data either)"
+    assert entry["decision_change"] == 0.5  # the texts at 0.6 / 0.4 swap sides
+    assert (entry["auroc_float"], entry["auroc_int8"], entry["auroc_drop"]) == (0.75, 1.0, -0.25)
