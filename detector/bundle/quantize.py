@@ -74,7 +74,14 @@ class Int8Check:
 
 
 def quantize_onnx(source: Path, target: Path) -> None:
-    """Write the dynamically quantized (int8 weights, per-tensor) copy of ``source`` to ``target``."""
+    """Write the dynamically quantized copy of ``source`` to ``target``: int8 weights with one scale per
+    output channel, for the matrix multiplications only.
+
+    Measured on the pretrained CPU config's model (all-MiniLM-L6-v2 fine-tuned, 1120 texts of
+    ``val.jsonl``): ONNX Runtime's defaults (every supported op, the embedding lookup included, one
+    scale per tensor) dropped AUROC by 0.0108 and changed 9.7% of the decisions; per-channel MatMuls
+    only, 0.0045 and 1.4%, at 59 MB instead of 24 MB (the embedding stays fp32).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # ORT suggests its shape-inference pre-pass on the root logger; the dynamo export has the shapes.
@@ -82,7 +89,9 @@ def quantize_onnx(source: Path, target: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(
+            source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+        )
     finally:
         root.setLevel(level)
 
@@ -135,7 +144,9 @@ def compare(
         "max_abs_prob_diff": float(np.abs(float_probs - int8_probs).max()),
         "max_auroc_drop": check.max_auroc_drop,
         "max_decision_change": check.max_decision_change,
-        "quantization": "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per tensor)",
+        "quantization": (
+            "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per output channel, MatMul only)"
+        ),
     }
 
 
