@@ -264,6 +264,8 @@ def test_export_callback_on_s3_uploads_bundles_and_keeps_the_extended_runs_final
         for name in ("model_v1.0_final", "model_v1.0_final_step6")
     }
     assert steps == {"model_v1.0_final": 12, "model_v1.0_final_step6": 6}
+    summary = json.loads((tmp_path / "second/outputs/summary.json").read_text())
+    assert summary["bundles"] == [f"{models}/model_v1.0_epoch1", f"{models}/model_v1.0_final"]
     capsys.readouterr()
     code, out, err = run(["score", f"{models}/model_v1.0_final_step6", str(demo_files["test"])], capsys)
     assert code == 0, err
