@@ -20,6 +20,7 @@ from detector.atomic import clean_stale_temps, fsync_dir
 from detector.bundle.export import (
     LineagePlan,
     ValidationScores,
+    bundle_at,
     bundle_name,
     choose_threshold,
     hf_state_dict,
@@ -64,8 +65,13 @@ class InferenceExportCallback(Callback):
     ``dirpath`` (:func:`detector.atomic.clean_stale_temps`): do not export into ``dirpath`` from another
     process while a run starts.
 
+    ``dirpath`` may be an object-store URL (``s3://bucket/models``, any fsspec URL): each bundle is
+    written in a local temp folder and uploaded with its ``SHA256SUMS`` marker last
+    (:mod:`detector.bundle.remote`); a removal deletes the marker first, the final bundle's retirement
+    is a server-side copy (marker last) then a removal, so a reader never sees half a bundle.
+
     Args:
-        dirpath: folder that receives the bundles.
+        dirpath: folder (or object-store URL) that receives the bundles.
         version: semantic version ``X.Y`` or ``X.Y.Z`` in the bundle names; bump it for a new run.
         monitor: logged metric whose improvement triggers an epoch bundle.
         mode: ``max`` when a higher ``monitor`` is better, ``min`` when lower is.
@@ -115,17 +121,14 @@ class InferenceExportCallback(Callback):
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if not 0.0 <= target_fpr < 1.0:
             raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
-        if is_url(dirpath):  # its retention renames and links bundle folders: a local disk's operations
-            raise ValueError(
-                f"dirpath {dirpath!r}: this callback keeps its bundles in a local folder; upload one to "
-                f"object storage with `python -m detector export CHECKPOINT --out {dirpath}`"
-            )
         # None: `<trainer.default_root_dir>/models/inference`, resolved in setup.
         check_limits(max_auroc_drop, max_decision_change)
         self._dirpath_given = dirpath is not None
         if onnx or quantize:
             require_onnx()
-        self.dirpath = Path(dirpath if dirpath is not None else "outputs/models/inference")
+        self.dirpath: str | Path = (
+            str(dirpath).rstrip("/") if is_url(dirpath) else Path(dirpath or "outputs/models/inference")
+        )
         self.version = validate_version(version)
         self.monitor, self.mode = monitor, mode
         self.every_n_epochs, self.keep_last = every_n_epochs, keep_last
@@ -162,9 +165,9 @@ class InferenceExportCallback(Callback):
         if stage != TrainerFn.FITTING:
             return
         self._reconciled = False  # once per fit, after the state is restored
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or is_url(self.dirpath):  # an object store has no temp folders
             return
-        for path in clean_stale_temps(self.dirpath):
+        for path in clean_stale_temps(Path(self.dirpath)):
             rank_zero_info(f"Removed a temporary bundle folder left by a killed export: {path}")
 
     @override
@@ -193,7 +196,7 @@ class InferenceExportCallback(Callback):
         while len(self._written) > self.keep_last:
             oldest = self._written.pop(0)
             if trainer.is_global_zero:
-                remove_bundle(self.dirpath / oldest)
+                remove_bundle(bundle_at(self.dirpath, oldest))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,8 +206,10 @@ class InferenceExportCallback(Callback):
         if trainer.is_global_zero:
             there, kept = retire_final(self.dirpath, self.version, str(self._run_id), trainer.global_step)
             if kept:
-                fsync_dir(self.dirpath)
-                rank_zero_info(f"The final bundle of the run this one extends is now {self.dirpath / kept}")
+                self._fsync_dir()
+                rank_zero_info(
+                    f"The final bundle of the run this one extends is now {bundle_at(self.dirpath, kept)}"
+                )
         if not trainer.strategy.broadcast(there, src=0):
             self._export(trainer, pl_module, bundle_name(self.version))
 
@@ -236,10 +241,14 @@ class InferenceExportCallback(Callback):
 
     def _apply(self, plan: LineagePlan) -> None:
         for name in plan.stale:
-            remove_bundle(self.dirpath / name)
-            rank_zero_info(f"Removed {self.dirpath / name}: written after the resumed checkpoint")
+            remove_bundle(bundle_at(self.dirpath, name))
+            rank_zero_info(f"Removed {bundle_at(self.dirpath, name)}: written after the resumed checkpoint")
         if plan.stale:
-            fsync_dir(self.dirpath)
+            self._fsync_dir()
+
+    def _fsync_dir(self) -> None:
+        if not is_url(self.dirpath):  # an object store's requests are durable once answered
+            fsync_dir(Path(self.dirpath))
 
     def _improved(self, trainer: pl.Trainer) -> bool:
         # Rank zero's metric decides on every rank: the export gathers weights (a collective).

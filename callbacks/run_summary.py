@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from callbacks.inference_export import InferenceExportCallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
-from detector.bundle.export import bundle_name
+from detector.bundle.export import bundle_at, bundle_name
 from detector.run_summary import (
     build_summary,
     checkpoint_section,
@@ -129,7 +129,7 @@ class RunSummary(Callback):
         bundles: list[str] = []
         if export is not None:
             names = [*export.written, bundle_name(export.version)]
-            bundles = unique(str(export.dirpath / name) for name in names)
+            bundles = unique(str(bundle_at(export.dirpath, name)) for name in names)
         ema = next((cb for cb in callbacks if hasattr(cb, "eval_with_ema_for")), None)
         csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         return build_summary(

@@ -179,13 +179,34 @@ def test_missing_credentials_give_one_line_naming_the_url(s3, monkeypatch, capsy
         assert line.endswith("Unable to locate credentials\n") and line.count("\n") == 1
 
 
-def test_the_export_callback_refuses_an_object_store_folder_naming_the_export_command():
+def test_bundle_retention_on_s3_sees_only_complete_bundles_and_moves_them_whole(s3, saved_bundle):
     from callbacks.inference_export import InferenceExportCallback
+    from detector.bundle.export import existing_bundles, remove_bundle
+    from detector.bundle.loading import load_detector
+    from detector.bundle.remote import move_bundle, upload_bundle
 
-    with pytest.raises(
-        ValueError, match=r"^dirpath 's3://b/models': .* `python -m detector export CHECKPOINT"
-    ):
-        InferenceExportCallback(dirpath="s3://b/models")
+    assert InferenceExportCallback(dirpath=f"{s3}/models/").dirpath == f"{s3}/models"
+    fs = s3fs_client()
+    root = f"{s3}/models"
+    epoch3, epoch4, final = (f"{root}/model_v1.0_{name}" for name in ("epoch3", "epoch4", "final"))
+    upload_bundle(saved_bundle, epoch3)
+    fs.put_file(str(saved_bundle / "config.json"), f"{epoch4}/config.json")  # a cut-short upload
+    fs.pipe_file(f"{final}/stray", b"left by a cut-short copy")
+    assert existing_bundles(root, "1.0") == ["model_v1.0_epoch3"]
+
+    def files(url: str) -> dict[str, bytes]:
+        prefix = url.removeprefix("s3://") + "/"
+        return {key.removeprefix(prefix): fs.cat_file(key) for key in fs.find(url)}
+
+    before = files(epoch3)
+    move_bundle(epoch3, final)
+    assert existing_bundles(root, "1.0") == ["model_v1.0_final"]
+    assert files(final) == before and not fs.find(epoch3)
+    assert load_detector(final).score(["a text"])[0].keys() >= {"prob_machine", "label"}
+    remove_bundle(final)
+    remove_bundle(final)  # already gone: done
+    assert existing_bundles(root, "1.0") == [] and not fs.find(final)
+    assert set(files(epoch4)) == {"config.json"}  # another name's leftovers are not touched
 
 
 def test_a_bundle_upload_cut_short_is_not_a_bundle_and_a_corrupt_file_is_named_by_url(s3, saved_bundle):

@@ -210,3 +210,63 @@ def test_async_save_to_s3_names_each_state_after_its_upload(s3, tmp_path, demo_f
     assert stored == {key.removeprefix("states/") for key in manifest.values()}
     assert len(stored) == 2  # step 4's state, and step 6's under its other five names
     assert load_checkpoint_state(f"{dirpath}/checkpoint_latest.safetensors")["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_export_callback_on_s3_uploads_bundles_and_keeps_the_extended_runs_final(
+    s3, tmp_path, demo_files, capsys
+):
+    models = f"{s3}/run/models"
+    export = {"dirpath": models, "every_n_epochs": 1, "keep_last": 1}
+    exporter = json.dumps(
+        {"class_path": "callbacks.inference_export.InferenceExportCallback", "init_args": export}
+    )
+    checkpoints = str(tmp_path / "checkpoints")
+    fs = s3fs_client()
+
+    def stored() -> dict[str, set[str]]:
+        prefix = models.removeprefix("s3://") + "/"
+        files: dict[str, set[str]] = {}
+        for key in fs.find(models):
+            name, _, rest = key.removeprefix(prefix).partition("/")
+            files.setdefault(name, set()).add(rest)
+        return files
+
+    fit(
+        tmp_path / "first",
+        demo_files,
+        checkpoints,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.callbacks+",
+        exporter,
+    )
+    first = stored()
+    assert set(first) == {"model_v1.0_epoch0", "model_v1.0_final"}
+    assert {"SHA256SUMS", "model.safetensors", "config.json", "training_metadata.json"} <= first[
+        "model_v1.0_final"
+    ]
+    final_sums = fs.cat_file(f"{models}/model_v1.0_final/SHA256SUMS")
+    capsys.readouterr()
+    code, out, err = run(["score", f"{models}/model_v1.0_final", str(demo_files["test"])], capsys)
+    assert code == 0, err
+    scored = [json.loads(line) for line in out.splitlines()]
+    assert len(scored) == 32 and all(0 <= row["prob_machine"] <= 1 for row in scored)
+
+    # Extended to a second epoch: epoch 0's bundle rotates out, the first final is kept under its step.
+    fit(tmp_path / "second", demo_files, checkpoints, "--ckpt_path", "last", "--trainer.callbacks+", exporter)
+    second = stored()
+    assert set(second) == {"model_v1.0_epoch1", "model_v1.0_final", "model_v1.0_final_step6"}
+    assert second["model_v1.0_final_step6"] == first["model_v1.0_final"]
+    assert fs.cat_file(f"{models}/model_v1.0_final_step6/SHA256SUMS") == final_sums
+    steps = {
+        name: json.loads(fs.cat_file(f"{models}/{name}/training_metadata.json"))["step"]
+        for name in ("model_v1.0_final", "model_v1.0_final_step6")
+    }
+    assert steps == {"model_v1.0_final": 12, "model_v1.0_final_step6": 6}
+    summary = json.loads((tmp_path / "second/outputs/summary.json").read_text())
+    assert summary["bundles"] == [f"{models}/model_v1.0_epoch1", f"{models}/model_v1.0_final"]
+    capsys.readouterr()
+    code, out, err = run(["score", f"{models}/model_v1.0_final_step6", str(demo_files["test"])], capsys)
+    assert code == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == scored  # the retired copy is verified, the same

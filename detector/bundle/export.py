@@ -18,10 +18,11 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detector.atomic import fsync_dir, remove_path
+from detector.bundle import remote
 from detector.bundle.quantize import Int8Check
 from detector.bundle.thresholds import DEFAULT_TARGET_FPR, rates_at_threshold, threshold_at_fpr
 from detector.bundle.writer import METADATA_FILE, write_bundle
-from detector.checkpoint.objects import is_url
+from detector.checkpoint.objects import is_url, join
 from detector.checkpoint.reader import load_checkpoint_state
 from detector.scoring import DEFAULT_THRESHOLD
 
@@ -61,9 +62,17 @@ def final_name_at(version: str, step: int) -> str:
     return f"{bundle_name(version)}_step{int(step)}"
 
 
+def bundle_at(root: str | Path, name: str) -> str | Path:
+    """The bundle ``name`` in ``root``: ``root/name`` as a URL when ``root`` is one, else as a Path."""
+    return join(str(root), name) if is_url(root) else Path(root) / name
+
+
 def existing_bundles(root: str | Path, version: str) -> list[str]:
-    """Names of the committed bundles of ``version`` in ``root`` (temp folders excluded), sorted."""
+    """Names of the committed bundles of ``version`` in ``root`` (temp folders excluded; on an object
+    store, the bundles with their marker), sorted."""
     pattern = re.compile(rf"model_v{re.escape(validate_version(version))}_(final|final_step\d+|epoch\d+)")
+    if is_url(root):
+        return [name for name in remote.complete_bundles(str(root)) if pattern.fullmatch(name)]
     root = Path(root)
     if not root.is_dir():
         return []
@@ -76,15 +85,22 @@ def remove_bundle(path: str | Path) -> None:
     :func:`detector.atomic.remove_path`: the folder is first renamed to a hidden temp name (atomic,
     fsynced), so a crash mid-delete leaves only a temp folder for
     :func:`detector.atomic.clean_stale_temps`, never a half-deleted bundle that looks complete.
-    Deleting what is already gone (a kill after an earlier removal) is done, not an error.
+    Deleting what is already gone (a kill after an earlier removal) is done, not an error. On an
+    object store: :func:`detector.bundle.remote.remove_bundle` (its marker first).
     """
-    remove_path(Path(path))
+    if is_url(path):
+        remote.remove_bundle(str(path))
+    else:
+        remove_path(Path(path))
 
 
 def bundle_origin(path: str | Path) -> tuple[str | None, int | None]:
     """``(run_id, step)`` from a bundle's metadata; ``None`` for what it does not say or cannot be read."""
     try:
-        metadata = json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
+        if is_url(path):
+            metadata = json.loads(remote.read_file(str(path), METADATA_FILE).decode("utf-8"))
+        else:
+            metadata = json.loads((Path(path) / METADATA_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None, None
     if not isinstance(metadata, dict):
@@ -114,9 +130,9 @@ def plan_lineage(
     A bundle is this run's when its metadata names ``run_id`` or when it is in ``written`` (the epoch
     bundles the checkpoint says the run kept); the lineage's bundles up to ``step`` stay as they are.
     """
-    root, plan = Path(root), LineagePlan()
+    plan = LineagePlan()
     for name in existing_bundles(root, version):
-        owner, at = bundle_origin(root / name)
+        owner, at = bundle_origin(bundle_at(root, name))
         if owner != run_id or at is None:
             if name not in written:
                 plan.foreign.append(name)
@@ -131,7 +147,10 @@ def retire_final(root: str | Path, version: str, run_id: str, step: int) -> tupl
     ``already_there``: the lineage's final bundle of ``step`` exists (a finished run re-run), nothing to
     write. Otherwise the lineage's earlier final bundle (the run being extended) is renamed to
     :func:`final_name_at` its step, its name returned, so the new final bundle takes the plain name.
+    On an object store the rename is :func:`detector.bundle.remote.move_bundle` (copy, then delete).
     """
+    if is_url(root):
+        return _retire_remote_final(str(root), version, run_id, step)
     root = Path(root)
     final = root / bundle_name(version)
     owner, at = bundle_origin(final) if final.is_dir() else (None, None)
@@ -145,6 +164,21 @@ def retire_final(root: str | Path, version: str, run_id: str, step: int) -> tupl
         return False, None
     os.rename(final, root / kept)
     fsync_dir(root)  # the rename survives a power loss, as every other commit here does
+    return False, kept
+
+
+def _retire_remote_final(root: str, version: str, run_id: str, step: int) -> tuple[bool, str | None]:
+    final = join(root, bundle_name(version))
+    owner, at = bundle_origin(final) if remote.is_complete(final) else (None, None)
+    if owner != run_id or at is None:
+        return False, None
+    if at == step:
+        return True, None
+    kept = final_name_at(version, at)
+    if remote.is_complete(join(root, kept)):  # a kill after the copy, before the delete
+        remote.remove_bundle(final)
+        return False, None
+    remote.move_bundle(final, join(root, kept))
     return False, kept
 
 

@@ -104,3 +104,56 @@ def download_bundle(url: str, storage_options: Mapping[str, Any] | None = None) 
 def named_as(error: BaseException, local: Path, url: str) -> BaseException:
     """``error`` (a refusal about the local copy) as the same refusal naming ``url``."""
     return type(error)(str(error).replace(str(local), url))
+
+
+def complete_bundles(root: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Names of the complete bundles (marker there) directly under ``root``, sorted (one LIST)."""
+    with reaching(root):
+        fs, path = filesystem(root, storage_options)
+        fs.invalidate_cache(path)
+        try:
+            found = fs.find(path)
+        except FileNotFoundError:
+            return []
+    prefix = path.rstrip("/") + "/"
+    names = (key.removeprefix(prefix).split("/") for key in found if key.startswith(prefix))
+    return sorted(parts[0] for parts in names if len(parts) == 2 and parts[1] == MARKER)
+
+
+def read_file(url: str, name: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    """The bytes of the file ``name`` of the bundle at ``url`` (one GET); FileNotFoundError if absent."""
+    with reaching(url):
+        fs, path = filesystem(url, storage_options)
+        return bytes(fs.cat_file(f"{path.rstrip('/')}/{name}"))
+
+
+def remove_bundle(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Delete the bundle at ``url``: its marker first, so from that request on it is no bundle, then the
+    rest. Deleting what is already gone is done, not an error."""
+    with reaching(url):
+        fs, path = filesystem(url, storage_options)
+        path = path.rstrip("/")
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(f"{path}/{MARKER}")
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+        fs.invalidate_cache(path)
+
+
+def move_bundle(url: str, to: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """The object store's "rename" of the complete bundle at ``url`` to ``to``: every file copied on the
+    server (no download), the marker last, then ``url`` removed marker first. A reader sees each of
+    the two either whole or not at all; a kill in between leaves both whole."""
+    with reaching(url):
+        fs, path = filesystem(url, storage_options)
+        _, target = filesystem(to, storage_options)
+        path, target = path.rstrip("/"), target.rstrip("/")
+        fs.invalidate_cache(path)
+        files = [key for key in fs.find(path) if key != f"{path}/{MARKER}"]
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(target, recursive=True)  # a cut-short copy's leftovers: never a bundle
+        for key in files:
+            fs.copy(key, target + key.removeprefix(path))
+        fs.copy(f"{path}/{MARKER}", f"{target}/{MARKER}")
+        fs.invalidate_cache(target)
+    remove_bundle(url, storage_options)
