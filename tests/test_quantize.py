@@ -144,7 +144,7 @@ def test_onnx_int8_backend_without_the_file_says_to_export_with_quantize(saved_o
 
 def test_a_check_past_the_limit_refuses_and_writes_nothing(files, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
-        export(files, tmp_path / "out", "--quantize", "--max-decision-change", "0")
+        export(files, tmp_path / "out", "--quantize", "--max-auroc-drop", "1", "--max-decision-change", "0")
     assert stop.value.code == 2
     err = capsys.readouterr().err  # the ONNX exporter may log its own warnings first
     assert err.count("error:") == 1
