@@ -37,14 +37,22 @@ class SerialJobs:
         self._error: BaseException | None = None
         self._label = ""
 
-    def submit(self, job: Callable[[], None], label: str) -> None:
-        """Wait for the job in flight (raising its failure), then run ``job``; ``label`` names it."""
+    def submit(self, job: Callable[[], None], label: str, first: Callable[[], None] | None = None) -> None:
+        """Wait for the job in flight (raising its failure), then run ``first`` and ``job`` (named ``label``).
+
+        In the background, ``first`` runs at the caller's CPU priority (the training loop may be
+        waiting for it) and ``job`` at ``BACKGROUND_NICENESS`` lower.
+        """
         self.wait()
         if not self.background:
+            if first is not None:
+                first()
             job()
             return
         self._label = label
-        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(job, first), name="checkpoint-writer", daemon=True
+        )
         self._thread.start()
 
     def wait(self) -> None:
@@ -61,9 +69,11 @@ class SerialJobs:
         """Whether a background job is still running."""
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, job: Callable[[], None]) -> None:
-        lower_priority(BACKGROUND_NICENESS)
+    def _run(self, job: Callable[[], None], first: Callable[[], None] | None) -> None:
         try:
+            if first is not None:
+                first()
+            lower_priority(BACKGROUND_NICENESS)
             job()
         except BaseException as error:  # surfaced in the training thread by wait()
             self._error = error
