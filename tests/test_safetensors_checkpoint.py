@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import callbacks.safetensors_checkpoint as checkpoint_module
+from callbacks.ema import EMACallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.atomic import temp_path_for
 from detector.checkpoint import staging as staging_module
@@ -458,3 +459,35 @@ def test_async_snapshot_holds_the_state_of_its_step_though_the_next_step_ran_bef
     assert order[:2] == [(not fence, fence)] * 2
     if fence:
         assert callback.save_time[0] >= 2 * 0.9
+
+
+def test_async_save_deferring_weights_moments_and_ema_writes_exactly_what_sync_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(staging_module, "DEFER_MIN_BYTES", 0)
+    deferred: list[int] = []
+    snapshot = staging_module.StagingBuffers.snapshot
+
+    def counting(self: staging_module.StagingBuffers, state: Any, defer: Any = frozenset()) -> Any:
+        taken = snapshot(self, state, defer)
+        deferred.append(taken.deferred_bytes)
+        return taken
+
+    monkeypatch.setattr(staging_module.StagingBuffers, "snapshot", counting)
+    for mode in ("sync", "async"):
+        pl.seed_everything(0, verbose=False)
+        module = ScriptedModule(SCORES)
+        callback = SafetensorsTopKCheckpoint(
+            dirpath=str(tmp_path / mode), async_save=mode == "async", **LIMITS
+        )
+        trainer = make_trainer(callback)
+        trainer.callbacks.insert(0, EMACallback(decay=0.5))  # type: ignore[attr-defined]
+        trainer.fit(module)
+    names = sorted(inodes(tmp_path / "sync"))
+    assert names == sorted(inodes(tmp_path / "async")) and set(names) == EXPECTED
+    for name in names:
+        assert_identical(load_state(tmp_path / "async" / name), load_state(tmp_path / "sync" / name))
+    # Every save deferred the weights, AdamW's moments and step counters, and the EMA weights.
+    parameters = list(module.parameters())
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    assert deferred and set(deferred) == {4 * weights + 4 * len(parameters)}
