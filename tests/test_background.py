@@ -56,12 +56,12 @@ def test_the_first_part_runs_at_the_callers_priority_then_the_job_lower() -> Non
     jobs, seen = SerialJobs(background=True), []
 
     def priority() -> None:
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)))
 
     jobs.submit(priority, label="write", first=priority)
     jobs.wait()
-    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert seen == [caller, min(19, caller + BACKGROUND_NICENESS)]
+    caller = (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0))
+    assert seen == [caller, (min(19, caller[0] + BACKGROUND_NICENESS), os.SCHED_IDLE)]
 
 
 @pytest.mark.parametrize("background", [False, True])

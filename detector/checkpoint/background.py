@@ -7,16 +7,20 @@ import os
 import threading
 from collections.abc import Callable
 
-# A background job runs this much nicer than the thread that started it (threads it starts inherit
-# it), so the training threads keep the cores on a busy machine and the write fills the idle time.
+# A background job runs this much nicer than the thread that started it, and under SCHED_IDLE where
+# Linux has it (threads it starts inherit both), so the training threads keep the cores and the write
+# fills the idle time. SCHED_IDLE still works when the process already runs at niceness 19, where
+# a niceness step cannot go lower and the write would take half the cores of a CPU-bound run.
 BACKGROUND_NICENESS = 10
 
 
 def lower_priority(niceness: int) -> None:
-    """Make the calling thread ``niceness`` nicer (Linux: niceness is per thread); a no-op elsewhere."""
+    """Make the calling thread ``niceness`` nicer and SCHED_IDLE (Linux: both per thread); else a no-op."""
     with contextlib.suppress(OSError, AttributeError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
 
 
 class BackgroundWriteError(RuntimeError):
