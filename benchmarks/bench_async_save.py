@@ -3,8 +3,10 @@
 Trains the classifier on random tokens with ``SafetensorsTopKCheckpoint(every_n_train_steps=k)``, once
 with ``async_save=False`` and once with ``True``, and once with Lightning's ``ModelCheckpoint`` (torch.save
 files, same cadence), timing every save call the training loop makes (for async: waiting for the previous
-write, the state dump and the CPU snapshot into the reused staging buffers) and the whole fit. Also times,
-on the final state, one ``save_state`` (the sync write) and one ``snapshot_state`` (a first snapshot).
+write, the state dump and the copy of the small parts of the state) plus every wait of the loop at the
+fence (before the next optimizer step, for the background copy of the weights and moments), added to the
+save it waited for, and the whole fit. Also times, on the final state, one ``save_state`` (the sync
+write) and one ``snapshot_state`` (a first full snapshot).
 
     PYTHONPATH=. python benchmarks/bench_async_save.py                  # small: build_classifier(None, 8000)
     PYTHONPATH=. python benchmarks/bench_async_save.py --size base --steps 6 --save-every 2
@@ -54,10 +56,19 @@ class Classifier(pl.LightningModule):
 
 
 class TimedCheckpoint(SafetensorsTopKCheckpoint):
-    """Records how long each save call holds the training loop, and how long of it waits for a write."""
+    """Records how long each save holds the training loop (fence waits too), and the waits for a write."""
 
     blocked: list[float]
     waited: list[float]
+    fenced: list[float]
+
+    def _fence(self) -> None:
+        start = time.perf_counter()
+        super()._fence()
+        waited = time.perf_counter() - start
+        self.fenced.append(waited)
+        if self.blocked:  # the loop waits for the copy of the last save: part of what that save cost it
+            self.blocked[-1] += waited
 
     def _write(self, *args: Any, **kwargs: Any) -> None:
         wait = self._jobs.wait
@@ -81,6 +92,7 @@ class TimedModelCheckpoint(ModelCheckpoint):
 
     blocked: list[float]
     waited: list[float]
+    fenced: list[float]
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         start = time.perf_counter()
@@ -101,7 +113,7 @@ def run(size: str, mode: str, args: argparse.Namespace, folder: Path) -> dict[st
         callback = TimedCheckpoint(
             str(folder), every_n_epochs=0, every_n_train_steps=args.save_every, async_save=mode == "async"
         )
-    callback.blocked, callback.waited = [], []
+    callback.blocked, callback.waited, callback.fenced = [], [], []
     module = Classifier(size)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -116,7 +128,14 @@ def run(size: str, mode: str, args: argparse.Namespace, folder: Path) -> dict[st
     start = time.perf_counter()
     trainer.fit(module, loader)
     fit_s = time.perf_counter() - start
-    return {"blocked": callback.blocked, "waited": callback.waited, "fit_s": fit_s, "trainer": trainer}
+    fenced = sum(callback.fenced)
+    return {
+        "blocked": callback.blocked,
+        "waited": callback.waited,
+        "fenced": fenced,
+        "fit_s": fit_s,
+        "trainer": trainer,
+    }
 
 
 def standalone(trainer: pl.Trainer, folder: Path) -> tuple[float, float, int]:
@@ -156,7 +175,8 @@ def main() -> None:
         print(
             f"{mode:5s}: saves={len(blocked)} blocked median={statistics.median(blocked):.3f} s"
             f" max={max(blocked):.3f} s total={sum(blocked):.2f} s"
-            f" (waiting for the previous write {sum(result['waited']):.2f} s); fit {result['fit_s']:.2f} s"
+            f" (waiting for the previous write {sum(result['waited']):.2f} s, at the fence"
+            f" {result['fenced']:.2f} s); fit {result['fit_s']:.2f} s"
         )
     sync, background = results["sync"], results["async"]
     blocked_ratio = statistics.median(background["blocked"]) / statistics.median(sync["blocked"])

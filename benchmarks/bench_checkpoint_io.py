@@ -10,16 +10,22 @@ States: ``small`` is ``build_classifier(None, 8000)``; ``base`` a DeBERTa-v3-bas
 weights plus AdamW's ``exp_avg``/``exp_avg_sq``/``step`` and a scheduler, in the shape of a Lightning
 checkpoint (3 x fp32 weights: about 2.2 GB for ``base``).
 
-``ours`` uses the default ``crc32-tree`` checksum; the ``_sha256`` rows the ``sha256-tree`` one;
-``_mmap`` rows load with ``mmap=True`` (tensors over a private mapping of the file).
-Each repeat runs in a fresh worker process that builds the state once, then runs every measurement.
-Before each one the worker returns freed heap to the OS (``malloc_trim``) and resets its peak RSS
-(``/proc/self/clear_refs``), so "peak RSS" is the increase during that operation alone. Loads are
-timed warm (the file just written, in the page cache) and cold (its pages dropped with
-``posix_fadvise(DONTNEED)``), and every tensor's pages are touched after loading. ``snapshot`` is
-what an asynchronous save blocks the training loop for (cloning to CPU memory); a synchronous save
-blocks it for ``ours save``. Medians over the repeats. Disks on shared machines are noisy: compare
-ratios from one run, not absolute times across runs.
+``ours`` uses the default ``xxh3-tree`` checksum; ``_mmap`` rows load with ``mmap=True`` (tensors
+over a private mapping of the file). Each repeat runs in a fresh worker process that builds the state
+once, then runs every measurement. Before each one the worker returns freed heap to the OS
+(``malloc_trim``) and resets its peak RSS (``/proc/self/clear_refs``), so "peak RSS" is the increase
+during that operation alone. Loads are timed warm (the file just written, in the page cache) and cold
+(its pages dropped with ``posix_fadvise(DONTNEED)``). After every load, ours and the peers', one
+element per 4 KiB page of every tensor is read, so each mapped page is faulted in and resident:
+``torch.load(mmap=True)`` alone only maps the file, and ours reads every byte anyway to verify it.
+Like for like, both end with every page of the file in memory; ours has also hashed every byte.
+``snapshot_*`` is what an asynchronous save blocks the training loop for at the save:
+``snapshot_deferred`` copies the small parts and leaves the weights and moments to a background copy
+(in training the loop may also wait for that copy before its next optimizer step:
+``bench_async_save.py`` measures both), ``snapshot_staged`` copies everything at once into reused
+buffers, ``snapshot_fresh`` into new memory; a synchronous save blocks it for ``ours_save_replace``.
+Medians over the repeats. Disks on shared machines are noisy: compare ratios from one run, not
+absolute times across runs.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ LOADS = [
     "ours_verify_warm",
     "snapshot_fresh",
     "snapshot_staged",
+    "snapshot_deferred",
 ]
 OPS = SAVES + LOADS
 
@@ -115,14 +122,14 @@ def _tensor_bytes(state: Any) -> int:
 
 
 def _touch(state: Any) -> None:
-    """Read one element per 4 KiB page of every tensor, so lazily mapped data is really loaded."""
+    """Read one element per 4 KiB page of every tensor (each page it spans), so mapped data is loaded."""
     from detector.checkpoint.format import flatten_state
 
     tensors, _ = flatten_state(state)
     for tensor in tensors.values():
         flat = tensor.reshape(-1)
-        if flat.numel():
-            flat[:: max(1, 4096 // tensor.element_size())].float().sum()
+        if flat.numel():  # the last element too: a tensor that starts mid-page ends on one more page
+            flat[:: max(1, 4096 // tensor.element_size())].float().sum() + flat[-1:].float().sum()
 
 
 def _drop_cache(path: Path) -> None:
@@ -165,7 +172,7 @@ def _worker(size: str, folder: Path, baseline: bool, ops: list[str]) -> None:
     from detector.atomic import fsync_file
     from detector.checkpoint.format import flatten_state, load_state, save_state, snapshot_state, verify_state
     from detector.checkpoint.reclaim import wait_reclaimed
-    from detector.checkpoint.staging import StagingBuffers
+    from detector.checkpoint.staging import StagingBuffers, storages
 
     state = build_state(size)
     nbytes = _tensor_bytes(state)
@@ -178,6 +185,9 @@ def _worker(size: str, folder: Path, baseline: bool, ops: list[str]) -> None:
     tensors = {k: v for k, v in flatten_state(state)[0].items() if isinstance(v, torch.Tensor)}
     staging = StagingBuffers()
     staging.snapshot(state)  # the first snapshot allocates; a training run's later ones reuse
+    # What an async save defers to its background copy: the weights and the optimizer's moments.
+    moments = [t for s in state["optimizer_states"][0]["state"].values() for t in s.values()]
+    steps_change = storages([*state["state_dict"].values(), *moments])
     old_format: Any = None
     if baseline:
         import detector_baseline.checkpoint.format as old_format  # type: ignore[import-not-found,no-redef]
@@ -202,6 +212,7 @@ def _worker(size: str, folder: Path, baseline: bool, ops: list[str]) -> None:
         "ours_verify_warm": (lambda: verify_state(ours), None),
         "snapshot_fresh": (lambda: snapshot_state(state), None),
         "snapshot_staged": (lambda: staging.snapshot(state), None),
+        "snapshot_deferred": (lambda: staging.snapshot(state, defer=steps_change), None),
     }
     for cold in (False, True):
         when = "cold" if cold else "warm"
@@ -364,7 +375,8 @@ def _ratios(s: dict[str, float], summary: dict[str, dict[str, float]], nbytes: i
         ("load cold, default", "ours_load_cold", "baseline_load_cold", "baseline (before)", None),
         ("load warm, mmap=True", "ours_mmap_warm", "torch_mmap_warm", "torch.load(mmap=True)", 1.5),
         ("load cold, mmap=True", "ours_mmap_cold", "torch_mmap_cold", "torch.load(mmap=True)", None),
-        ("async save: loop blocked", "snapshot_staged", "ours_save_replace", "a sync save", 0.15),
+        ("async save: loop blocked", "snapshot_deferred", "ours_save_replace", "a sync save", 0.15),
+        ("async, full copy at once", "snapshot_staged", "ours_save_replace", "a sync save", None),
         ("async, first save", "snapshot_fresh", "ours_save_replace", "a sync save", None),
     ]
     lines = ["", f"{'operation':<26}{'ours s':>8}  {'peer':<26}{'peer s':>8}{'ours/peer':>10}  target"]

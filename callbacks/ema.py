@@ -12,8 +12,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from detector.checkpoint.staging import wait_for_copies
 from detector.ema import EMASchedule, ExponentialMovingAverage
 
 EvalStage = Literal["validate", "test", "predict"]
@@ -109,6 +111,16 @@ class EMACallback(Callback):
         """How many updates the EMA has folded in."""
         return self._ema.num_updates if self._ema is not None else 0
 
+    def tensors_changed_only_by_steps(self) -> list[Tensor]:
+        """The EMA tensors, for an asynchronous checkpoint to copy in the background.
+
+        They change only after an optimizer step (the update) or in a swap, and both wait for such a
+        copy first (:func:`detector.checkpoint.staging.wait_for_copies`).
+        """
+        if self._ema is None:
+            return []
+        return [t for t in self._ema.state_dict(sharded=True).values() if not isinstance(t, DTensor)]
+
     def averaged_state_dict(self) -> dict[str, Tensor]:
         """The EMA weights keyed like ``pl_module.state_dict()`` (float32; collective under FSDP2).
 
@@ -142,6 +154,7 @@ class EMACallback(Callback):
         if step <= self._last_update_step or not self.schedule.should_update(step, trainer.current_epoch):
             return
         ema = self._ensure_ema(pl_module)
+        wait_for_copies()  # an asynchronous checkpoint may still be copying the averages
         ema.update(self.schedule.decay_at(ema.num_updates))
         self._last_update_step = step
 
@@ -237,8 +250,10 @@ class EMACallback(Callback):
             return
         ema = self._ensure_ema(pl_module)
         if ema.num_updates > 0 and not ema.swapped:
+            wait_for_copies()  # the swap writes the weights an asynchronous checkpoint may be copying
             ema.swap_in()
 
     def _swap_out(self) -> None:
         if self._ema is not None and self._ema.swapped:
+            wait_for_copies()
             self._ema.swap_out()

@@ -25,7 +25,7 @@ from detector.checkpoint.objects import is_url, local, save_state_to_url
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
 from detector.checkpoint.reclaim import wait_reclaimed
 from detector.checkpoint.rng import capture_rng_state, restore_rng_state
-from detector.checkpoint.staging import StagingBuffers
+from detector.checkpoint.staging import StagingBuffers, storages, wait_for_copies
 from detector.checkpoint.topk import (
     LATEST_NAME,
     CheckpointTracker,
@@ -60,9 +60,13 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     on SIGTERM or a first Ctrl-C (latest, after the current batch; a second Ctrl-C stops at once,
     unsaved). Everything due at one global step goes into one file. Every rank takes the same
     decisions (the logged metrics are broadcast from rank zero); global rank zero does the file I/O.
-    ``async_save`` writes in a background thread (at a lower CPU priority) after a CPU snapshot into
-    buffers reused from save to save (one state's worth of memory while training), one write in flight; links
-    and deletions follow the commit; a failed write raises at the next save or at the end of fit.
+    ``async_save`` writes in a background thread (at a lower CPU priority) from a CPU snapshot into
+    buffers reused from save to save (one state's worth of memory while training), one write in
+    flight; links and deletions follow the commit; a failed write raises at the next save or at the
+    end of fit. The loop copies only the small parts of the state at the save; the background thread
+    copies the parameters, the optimizer's moments and the EMA weights while the next batch's forward
+    and backward run (they only read them), and the next optimizer step (``on_before_optimizer_step``),
+    validation, load or save waits for that copy first (the fence, counted in :attr:`save_time`).
 
     ``dirpath`` may be a URL of an object store (``s3://bucket/prefix``, ``gs://...``, any fsspec URL;
     ``file://`` and plain paths are local folders): each state is then uploaded once as a new object
@@ -161,7 +165,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @property
     def save_time(self) -> tuple[float, int]:
-        """Seconds the training loop was blocked by saves in this process, and how many saves."""
+        """Seconds the loop was blocked by saves in this process (fence waits too), and how many saves."""
         return self._save_seconds, self._saves
 
     @property
@@ -239,6 +243,18 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         # per step; a state saved before a due validation would resume past it, never running it).
         if (periodic or last_step) and not trainer.is_last_batch and not validation_follows(trainer):
             self._save(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._fence()  # the step is about to change the weights and moments a snapshot may be copying
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A save is always followed by a training batch or the end of fit before any validation, so
+        # this never waits; the EMA swap (ordered before this callback) calls the fence itself.
+        self._fence()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -325,6 +341,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._fence()  # a checkpoint load is about to overwrite the weights
         self._tracker.load_state_dict(state_dict["tracker"])
         # Deletions a crashed run committed to but may not have done; done on rank zero at train start.
         self._resume_deletions = list(self._tracker.deletions)
@@ -378,14 +395,21 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
-        snapshot = self._staging.snapshot(checkpoint)  # the previous write is done: its buffers are free
+        # The previous write is done: its buffers are free. Only an optimizer step changes the deferred
+        # tensors, and on_before_optimizer_step waits for their copy.
+        snapshot = self._staging.snapshot(checkpoint, defer=_changed_only_by_steps(trainer))
         del checkpoint
 
         def job() -> None:
-            save_state(snapshot, target)
+            save_state(snapshot.state, target)
             self._link_and_rotate(target, names[1:], deletions)
 
-        self._jobs.submit(job, label=str(target))
+        self._jobs.submit(job, label=str(target), first=snapshot.copy)
+
+    def _fence(self) -> None:
+        """Wait for a background copy of the state still reading the tensors about to change."""
+        waited = wait_for_copies()
+        self._save_seconds += waited
 
     def _upload(
         self,
@@ -424,6 +448,22 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             remove_path(dirpath / name)
         if deletions:
             fsync_dir(dirpath)
+
+
+def _changed_only_by_steps(trainer: pl.Trainer) -> set[int]:
+    """Storages only an optimizer step changes: parameters, optimizer state, and what callbacks name.
+
+    A callback names its own with ``tensors_changed_only_by_steps()`` (the EMA weights: updated after
+    a step, swapped only behind the fence).
+    """
+    tensors: list[Any] = list(trainer.lightning_module.parameters())
+    for optimizer in trainer.optimizers:
+        tensors += [value for state in optimizer.state.values() for value in state.values()]
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        named = getattr(callback, "tensors_changed_only_by_steps", None)
+        if callable(named):
+            tensors += list(named())
+    return storages(tensors)
 
 
 def _gather_rng_states(trainer: pl.Trainer) -> list[dict[str, Any]]:

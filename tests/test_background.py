@@ -50,3 +50,32 @@ def test_a_background_job_runs_at_a_lower_cpu_priority_than_the_caller() -> None
     jobs.wait()
     caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen == [min(19, caller + BACKGROUND_NICENESS)]
+
+
+def test_the_first_part_runs_at_the_callers_priority_then_the_job_lower() -> None:
+    jobs, seen = SerialJobs(background=True), []
+
+    def priority() -> None:
+        seen.append((os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0)))
+
+    jobs.submit(priority, label="write", first=priority)
+    jobs.wait()
+    caller = (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0))
+    assert seen == [caller, (min(19, caller[0] + BACKGROUND_NICENESS), os.SCHED_IDLE)]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_failing_first_part_skips_the_job_and_surfaces(background: bool) -> None:
+    jobs, ran = SerialJobs(background=background), []
+
+    def fail() -> None:
+        raise OSError("copy failed")
+
+    if background:
+        jobs.submit(lambda: ran.append("job"), label="latest", first=fail)
+        with pytest.raises(BackgroundWriteError, match="failed: latest"):
+            jobs.wait()
+    else:
+        with pytest.raises(OSError, match="copy failed"):
+            jobs.submit(lambda: ran.append("job"), label="latest", first=fail)
+    assert ran == []

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import callbacks.safetensors_checkpoint as checkpoint_module
+from callbacks.ema import EMACallback
 from callbacks.safetensors_checkpoint import SafetensorsTopKCheckpoint
 from detector.atomic import temp_path_for
+from detector.checkpoint import staging as staging_module
 from detector.checkpoint.background import BackgroundWriteError
 from detector.checkpoint.format import load_state
 from detector.checkpoint.plugin import SafetensorsCheckpointIO
@@ -390,3 +393,101 @@ def test_deletions_a_crashed_run_did_not_finish_are_done_on_resume(
     assert evicted.exists()
     fit(tmp_path, [0.5, 0.7, 0.6], ckpt_path=tmp_path / LATEST, max_epochs=3, save_top_k=1, every_n_epochs=0)
     assert set(inodes(tmp_path)) == {LATEST, BEST, TOP_1_8}
+
+
+class _Recorder(pl.Callback):
+    """Clones the weights and optimizer state at each step's end (before the checkpoint callback saves)."""
+
+    def __init__(self) -> None:
+        self.at_step: dict[int, dict[str, Any]] = {}
+        self.stepped = threading.Event()  # an optimizer step ran after the last snapshot
+        self.backward = threading.Event()  # the next batch's forward and backward ran
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.backward.set()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        optimizer = trainer.optimizers[0].state_dict()
+        self.at_step[trainer.global_step] = {
+            "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer["state"].items()},
+        }
+        self.backward.clear()
+        self.stepped.set()
+
+
+@pytest.mark.parametrize("fence", [True, False])
+def test_async_snapshot_holds_the_state_of_its_step_though_the_next_step_ran_before_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fence: bool
+) -> None:
+    monkeypatch.setattr(staging_module, "DEFER_MIN_BYTES", 0)  # defer every parameter and moment
+    recorder, order = _Recorder(), []
+    copy = staging_module.Snapshot.copy
+
+    def slow_copy(snapshot: staging_module.Snapshot) -> None:
+        # Wait for the next optimizer step: with the fence the step waits for this copy instead (the
+        # wait times out), without it the step changes the weights before they are copied.
+        recorder.stepped.clear()
+        stepped = recorder.stepped.wait(timeout=1.0)
+        order.append((stepped, recorder.backward.is_set()))
+        copy(snapshot)
+
+    monkeypatch.setattr(staging_module.Snapshot, "copy", slow_copy)
+    if not fence:
+        monkeypatch.setattr(checkpoint_module, "wait_for_copies", lambda: 0.0)
+    pl.seed_everything(0, verbose=False)
+    module = ScriptedModule(None)
+    folder = tmp_path / "checkpoints"
+    callback = SafetensorsTopKCheckpoint(
+        dirpath=str(folder), every_n_epochs=0, every_n_train_steps=1, keep_last_steps=-1, async_save=True
+    )
+    trainer = make_trainer(callback, max_steps=3, limit_val_batches=0)
+    trainer.callbacks.insert(0, recorder)  # type: ignore[attr-defined]
+    trainer.fit(module)
+    for step in (1, 2):
+        saved = load_state(folder / f"checkpoint_step_{step}.safetensors")
+        optimizer = saved["optimizer_states"][0]["state"]
+        matches = all(
+            torch.equal(saved["state_dict"][k], v) for k, v in recorder.at_step[step]["state_dict"].items()
+        ) and all(
+            torch.equal(optimizer[i][k], v)
+            for i, moments in recorder.at_step[step]["optimizer"].items()
+            for k, v in moments.items()
+        )
+        assert matches is fence, step
+    # With the fence the next forward and backward ran before the copy, the step only after it.
+    assert order[:2] == [(not fence, fence)] * 2
+    if fence:
+        assert callback.save_time[0] >= 2 * 0.9
+
+
+def test_async_save_deferring_weights_moments_and_ema_writes_exactly_what_sync_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(staging_module, "DEFER_MIN_BYTES", 0)
+    deferred: list[int] = []
+    snapshot = staging_module.StagingBuffers.snapshot
+
+    def counting(self: staging_module.StagingBuffers, state: Any, defer: Any = frozenset()) -> Any:
+        taken = snapshot(self, state, defer)
+        deferred.append(taken.deferred_bytes)
+        return taken
+
+    monkeypatch.setattr(staging_module.StagingBuffers, "snapshot", counting)
+    for mode in ("sync", "async"):
+        pl.seed_everything(0, verbose=False)
+        module = ScriptedModule(SCORES)
+        callback = SafetensorsTopKCheckpoint(
+            dirpath=str(tmp_path / mode), async_save=mode == "async", **LIMITS
+        )
+        trainer = make_trainer(callback)
+        trainer.callbacks.insert(0, EMACallback(decay=0.5))  # type: ignore[attr-defined]
+        trainer.fit(module)
+    names = sorted(inodes(tmp_path / "sync"))
+    assert names == sorted(inodes(tmp_path / "async")) and set(names) == EXPECTED
+    for name in names:
+        assert_identical(load_state(tmp_path / "async" / name), load_state(tmp_path / "sync" / name))
+    # Every save deferred the weights, AdamW's moments and step counters, and the EMA weights.
+    parameters = list(module.parameters())
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    assert deferred and set(deferred) == {4 * weights + 4 * len(parameters)}

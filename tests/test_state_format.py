@@ -112,7 +112,33 @@ def test_tensors_spanning_several_pieces_round_trip(
     state = {"big": torch.randn(101), "small": torch.arange(3), "odd": torch.ones(7, dtype=torch.int8)}
     save_state(state, tmp_path / "s.safetensors")
     assert_identical(load_state(tmp_path / "s.safetensors"), state)
+    assert_identical(load_state(tmp_path / "s.safetensors", mmap=True), state)
     verify_state(tmp_path / "s.safetensors")
+
+
+def test_a_mapped_load_hashes_batches_in_threads_and_still_catches_any_flipped_data_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(piece_io, "PIECE_BYTES", 24)  # 7 pieces, one batch each: hashed on the pool
+    calls: list[int] = []
+    digest = piece_io.PIECE_DIGESTS["xxh3-tree"]
+    monkeypatch.setitem(
+        piece_io.PIECE_DIGESTS, "xxh3-tree", lambda piece: calls.append(len(piece)) or digest(piece)
+    )
+    state = {"big": torch.randn(30), "small": torch.arange(3), "odd": torch.ones(7, dtype=torch.int8)}
+    path = tmp_path / "s.safetensors"
+    save_state(state, path)
+    calls.clear()
+    assert_identical(load_state(path, mmap=True), state)
+    assert sorted(calls) == [7] + [24] * 6  # every data byte hashed once
+    original = path.read_bytes()
+    start = read_header(path)["data_offset"]
+    for position in range(start, len(original)):
+        corrupt = bytearray(original)
+        corrupt[position] ^= 0x80
+        path.write_bytes(corrupt)
+        with pytest.raises(CheckpointFormatError, match=f"{path}: checksum mismatch"):
+            load_state(path, mmap=True)
 
 
 def test_sha256_checksum_kind_round_trips_and_is_named_in_the_file(tmp_path: Path) -> None:

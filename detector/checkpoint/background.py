@@ -7,16 +7,20 @@ import os
 import threading
 from collections.abc import Callable
 
-# A background job runs this much nicer than the thread that started it (threads it starts inherit
-# it), so the training threads keep the cores on a busy machine and the write fills the idle time.
+# A background job runs this much nicer than the thread that started it, and under SCHED_IDLE where
+# Linux has it (threads it starts inherit both), so the training threads keep the cores and the write
+# fills the idle time. SCHED_IDLE still works when the process already runs at niceness 19, where
+# a niceness step cannot go lower and the write would take half the cores of a CPU-bound run.
 BACKGROUND_NICENESS = 10
 
 
 def lower_priority(niceness: int) -> None:
-    """Make the calling thread ``niceness`` nicer (Linux: niceness is per thread); a no-op elsewhere."""
+    """Make the calling thread ``niceness`` nicer and SCHED_IDLE (Linux: both per thread); else a no-op."""
     with contextlib.suppress(OSError, AttributeError):
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
 
 
 class BackgroundWriteError(RuntimeError):
@@ -37,14 +41,22 @@ class SerialJobs:
         self._error: BaseException | None = None
         self._label = ""
 
-    def submit(self, job: Callable[[], None], label: str) -> None:
-        """Wait for the job in flight (raising its failure), then run ``job``; ``label`` names it."""
+    def submit(self, job: Callable[[], None], label: str, first: Callable[[], None] | None = None) -> None:
+        """Wait for the job in flight (raising its failure), then run ``first`` and ``job`` (named ``label``).
+
+        In the background, ``first`` runs at the caller's CPU priority (the training loop may be
+        waiting for it) and ``job`` at ``BACKGROUND_NICENESS`` lower.
+        """
         self.wait()
         if not self.background:
+            if first is not None:
+                first()
             job()
             return
         self._label = label
-        self._thread = threading.Thread(target=self._run, args=(job,), name="checkpoint-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(job, first), name="checkpoint-writer", daemon=True
+        )
         self._thread.start()
 
     def wait(self) -> None:
@@ -61,9 +73,11 @@ class SerialJobs:
         """Whether a background job is still running."""
         return self._thread is not None and self._thread.is_alive()
 
-    def _run(self, job: Callable[[], None]) -> None:
-        lower_priority(BACKGROUND_NICENESS)
+    def _run(self, job: Callable[[], None], first: Callable[[], None] | None) -> None:
         try:
+            if first is not None:
+                first()
+            lower_priority(BACKGROUND_NICENESS)
             job()
         except BaseException as error:  # surfaced in the training thread by wait()
             self._error = error

@@ -39,8 +39,10 @@ from detector.checkpoint.pieces import (
     PIECE_DIGESTS,
     PiecePipeline,
     byte_view,
+    digest_extents,
     pieces,
     read_at,
+    tree_hexdigest,
     write_at,
 )
 from detector.checkpoint.reclaim import drop_cached_pages, reclaim_later, set_aside
@@ -229,24 +231,23 @@ def _map_data(fd: int, layout: Layout, path: Path) -> dict[str, torch.Tensor]:
     mapped = mmap_module.mmap(
         fd, 0, access=mmap_module.ACCESS_COPY
     )  # copy-on-write: tensor writes never reach the file
+    with contextlib.suppress(OSError, AttributeError):  # a cold file: read ahead while the hashing starts
+        mapped.madvise(mmap_module.MADV_WILLNEED)
+    base = len(layout.header)
+    extents = [(base + info.start, info.nbytes) for info in layout.tensors]
+    _check(
+        path,
+        layout,
+        tree_hexdigest(layout.header, digest_extents(layout.checksum_kind, memoryview(mapped), extents)),
+    )
     tensors = {}
-    with PiecePipeline(layout.checksum_kind) as pipeline:
-        for info in layout.tensors:
-            if info.nbytes == 0:
-                tensors[info.name] = torch.empty(info.shape, dtype=info.dtype)
-                continue
-            offset = len(layout.header) + info.start
-            data = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=offset)
-            tensors[info.name] = data.view(info.dtype).reshape(info.shape)
-            for _, piece in pieces(byte_view(data)):
-                pipeline.submit(_nothing, piece)
-        digest = pipeline.hexdigest(layout.header)
-    _check(path, layout, digest)
+    for info in layout.tensors:
+        if info.nbytes == 0:
+            tensors[info.name] = torch.empty(info.shape, dtype=info.dtype)
+            continue
+        data = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=base + info.start)
+        tensors[info.name] = data.view(info.dtype).reshape(info.shape)
     return tensors
-
-
-def _nothing() -> None:
-    """The I/O of a mapped piece: none; digesting it reads the pages."""
 
 
 def _check(path: Path, layout: Layout, digest: str) -> None:
