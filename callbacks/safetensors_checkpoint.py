@@ -430,14 +430,14 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
             return
-        snapshot = self._staging.snapshot(checkpoint)
+        snapshot = self._staging.snapshot(checkpoint, defer=_changed_only_by_steps(trainer))
         del checkpoint
 
         def job() -> None:
-            save_state_to_url(snapshot, target, self.storage_options)
+            save_state_to_url(snapshot.state, target, self.storage_options)
             objects.publish(target, names, deletions)
 
-        self._jobs.submit(job, label=target)
+        self._jobs.submit(job, label=target, first=snapshot.copy)
 
     def _link_and_rotate(self, target: Path, links: list[str], deletions: list[str]) -> None:
         """After ``target`` is committed: point the other names at it, then delete evicted files."""
