@@ -381,16 +381,33 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         self._saved_step, self._names_at_step, self._due, self._changed = step, names, [], False
 
     def _write(self, trainer: pl.Trainer, names: list[str], deletions: list[str], sync: bool) -> None:
-        if self._objects is not None:
-            self._upload(self._objects, trainer, names, deletions, sync)
-            return
-        target = Path(self.dirpath) / names[0]
+        """Save the state as ``names[0]`` (a file, or a new object named in the manifest), then commit
+        the other names and the deletions; async: from a snapshot, in the background thread."""
+        objects, options = self._objects, self.storage_options
+        target: Path | str
+        if objects is None:
+            target, storage_options = Path(self.dirpath) / names[0], None
+
+            def write(state: Any) -> None:
+                save_state(state, target)
+
+            def commit() -> None:
+                self._link_and_rotate(Path(target), names[1:], deletions)
+        else:
+            target, storage_options = objects.new_target(names[0]), options
+
+            def write(state: Any) -> None:
+                save_state_to_url(state, str(target), options)
+
+            def commit() -> None:
+                objects.publish(str(target), names, deletions)
+
         self._jobs.wait()  # at most one write in flight, and ours goes after it
         if sync or not self.async_save:
             # weights_only=False: the whole training state, said outright (Lightning logs a line otherwise).
-            trainer.save_checkpoint(target, weights_only=False)
+            trainer.save_checkpoint(target, weights_only=False, storage_options=storage_options)
             if trainer.is_global_zero:
-                self._link_and_rotate(target, names[1:], deletions)
+                commit()
             return
         checkpoint = dump_checkpoint(trainer)
         if not trainer.is_global_zero:
@@ -401,8 +418,8 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         del checkpoint
 
         def job() -> None:
-            save_state(snapshot.state, target)
-            self._link_and_rotate(target, names[1:], deletions)
+            write(snapshot.state)
+            commit()
 
         self._jobs.submit(job, label=str(target), first=snapshot.copy)
 
@@ -410,34 +427,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         """Wait for a background copy of the state still reading the tensors about to change."""
         waited = wait_for_copies()
         self._save_seconds += waited
-
-    def _upload(
-        self,
-        objects: ObjectCheckpointFolder,
-        trainer: pl.Trainer,
-        names: list[str],
-        deletions: list[str],
-        sync: bool,
-    ) -> None:
-        """Object storage: upload the state as a new object, then name it in the manifest and rotate."""
-        target = objects.new_target(names[0])
-        self._jobs.wait()
-        if sync or not self.async_save:
-            trainer.save_checkpoint(target, weights_only=False, storage_options=self.storage_options)
-            if trainer.is_global_zero:
-                objects.publish(target, names, deletions)
-            return
-        checkpoint = dump_checkpoint(trainer)
-        if not trainer.is_global_zero:
-            return
-        snapshot = self._staging.snapshot(checkpoint, defer=_changed_only_by_steps(trainer))
-        del checkpoint
-
-        def job() -> None:
-            save_state_to_url(snapshot.state, target, self.storage_options)
-            objects.publish(target, names, deletions)
-
-        self._jobs.submit(job, label=target, first=snapshot.copy)
 
     def _link_and_rotate(self, target: Path, links: list[str], deletions: list[str]) -> None:
         """After ``target`` is committed: point the other names at it, then delete evicted files."""
