@@ -129,3 +129,24 @@ def final_training_state(cli: Any) -> dict[str, dict[str, torch.Tensor]]:
         "optimizer": {f"{i}.{k}": v for i, s in optimizer.items() for k, v in s.items()},
         "ema": ema.averaged_state_dict(),
     }
+
+
+def write_tiny_checkpoint(path: pathlib.Path, tokenizer: Any, arch: dict[str, int]) -> pathlib.Path:
+    """A checkpoint of a classifier of shape ``arch`` (seeded weights) at epoch 1, step 8, with
+    ``tokenizer``'s files and ``max_length`` 48: what ``export`` reads."""
+    from detector.checkpoint.format import save_state
+    from detector.module import DetectorModule
+    from detector.tokenizer import tokenizer_files
+
+    torch.manual_seed(3)
+    module = DetectorModule(arch=arch, vocab_size=len(tokenizer))
+    checkpoint = {
+        "epoch": 1,
+        "global_step": 8,
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "datamodule_hyper_parameters": {"max_length": 48},
+        "DetectorDataModule": {"tokenizer_files": tokenizer_files(tokenizer)},
+    }
+    save_state(checkpoint, path)
+    return path

@@ -1,4 +1,5 @@
 import torch
+from state_helpers import write_tiny_checkpoint
 from transformers import AutoModelForSequenceClassification
 
 from detector.checkpoint.format import save_state
@@ -53,17 +54,7 @@ def test_recorded_validation_rates_equal_what_score_yields_on_the_same_file(tmp_
     from detector.commands.score import main as score_main
     from detector.demo import demo_rows
 
-    torch.manual_seed(3)
-    module = DetectorModule(arch=TINY, vocab_size=len(tokenizer))
-    checkpoint = {
-        "epoch": 1,
-        "global_step": 8,
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "datamodule_hyper_parameters": {"max_length": 48},
-        "DetectorDataModule": {"tokenizer_files": tokenizer_files(tokenizer)},
-    }
-    save_state(checkpoint, tmp_path / "c.safetensors")
+    write_tiny_checkpoint(tmp_path / "c.safetensors", tokenizer, TINY)
     val = write_jsonl(tmp_path / "val.jsonl", demo_rows(70, seed=7))
     args = [str(tmp_path / "c.safetensors"), "--out", str(tmp_path / "out"), "--val-data", str(val)]
     assert main([*args, "--target-fpr", "0.2"]) == 0

@@ -5,18 +5,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import write_jsonl
+from state_helpers import write_tiny_checkpoint
 
 from detector.__main__ import main
 from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError, file_digest, read_manifest
 from detector.bundle.loading import load_detector
 from detector.bundle.quantize import INT8_FILE, Int8Check, compare, refusal
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
-from detector.checkpoint.format import save_state
 from detector.demo import demo_rows
-from detector.module import DetectorModule
-from detector.tokenizer import tokenizer_files
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 LOOSE = ["--max-auroc-drop", "1", "--max-decision-change", "1"]
@@ -26,20 +23,9 @@ LOOSE = ["--max-auroc-drop", "1", "--max-decision-change", "1"]
 def files(tmp_path_factory, tokenizer):
     """A checkpoint of a tiny classifier and a labelled validation file."""
     root = tmp_path_factory.mktemp("quantize")
-    torch.manual_seed(3)
-    module = DetectorModule(arch=TINY, vocab_size=len(tokenizer))
-    checkpoint = {
-        "epoch": 1,
-        "global_step": 8,
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "datamodule_hyper_parameters": {"max_length": 48},
-        "DetectorDataModule": {"tokenizer_files": tokenizer_files(tokenizer)},
-    }
-    save_state(checkpoint, root / "c.safetensors")
     return {
         "root": root,
-        "checkpoint": root / "c.safetensors",
+        "checkpoint": write_tiny_checkpoint(root / "c.safetensors", tokenizer, TINY),
         "val": write_jsonl(root / "val.jsonl", demo_rows(80, seed=7)),
     }
 
