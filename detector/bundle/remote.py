@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError
-from detector.checkpoint.objects import download_folder, filesystem, join, reaching
+from detector.checkpoint.objects import download_folder, filesystem, fresh_find, join, reaching
 
 MARKER = MANIFEST_FILE
 
@@ -32,11 +32,7 @@ def _version(url: str, storage_options: Mapping[str, Any] | None) -> str | None:
     unfinished upload)."""
     with reaching(url):
         fs, path = filesystem(url, storage_options)
-        fs.invalidate_cache(path)
-        try:
-            found = fs.find(path, detail=True)
-        except FileNotFoundError:
-            return None
+        found = fresh_find(fs, path, detail=True)
     if f"{path.rstrip('/')}/{MARKER}" not in found:
         return None
     tags = (
@@ -110,11 +106,7 @@ def complete_bundles(root: str, storage_options: Mapping[str, Any] | None = None
     """Names of the complete bundles (marker there) directly under ``root``, sorted (one LIST)."""
     with reaching(root):
         fs, path = filesystem(root, storage_options)
-        fs.invalidate_cache(path)
-        try:
-            found = fs.find(path)
-        except FileNotFoundError:
-            return []
+        found = fresh_find(fs, path)
     prefix = path.rstrip("/") + "/"
     names = (key.removeprefix(prefix).split("/") for key in found if key.startswith(prefix))
     return sorted(parts[0] for parts in names if len(parts) == 2 and parts[1] == MARKER)

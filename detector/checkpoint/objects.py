@@ -206,6 +206,15 @@ def new_state_key(first_name: str) -> str:
     return f"{STATES_FOLDER}/{stem}-{uuid.uuid4().hex[:12]}.safetensors"
 
 
+def fresh_find(fs: Any, path: str, detail: bool = False) -> Any:
+    """``fs.find(path)`` from the store itself, not fsspec's listing cache; empty when nothing is there."""
+    fs.invalidate_cache(path)
+    try:
+        return fs.find(path, detail=detail)
+    except FileNotFoundError:
+        return {} if detail else []
+
+
 def delete_unreferenced(
     dirpath: str, names: Mapping[str, str], storage_options: Mapping[str, Any] | None = None
 ) -> list[str]:
@@ -213,11 +222,7 @@ def delete_unreferenced(
     url = join(dirpath, STATES_FOLDER)
     with reaching(url):
         fs, path = filesystem(url, storage_options)
-        fs.invalidate_cache(path)
-        try:
-            found = fs.find(path)
-        except FileNotFoundError:
-            return []
+        found = fresh_find(fs, path)
         kept = {join(path, key.removeprefix(f"{STATES_FOLDER}/")) for key in names.values()}
         gone = sorted(p for p in found if p not in kept)
         if gone:
