@@ -66,7 +66,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     end of fit. The loop copies only the small parts of the state at the save; the background thread
     copies the parameters, the optimizer's moments and the EMA weights while the next batch's forward
     and backward run (they only read them), and the next optimizer step (``on_before_optimizer_step``),
-    validation, load or save waits for that copy first (the fence, counted in :attr:`save_time`).
+    validation, load or save waits for that copy first (the fence, counted in :attr:`save_time`). The
+    save that ends the fit (``max_steps``, the last epoch, train end) is written at once from the live
+    state, without a snapshot: the end of fit waits for it anyway.
 
     ``dirpath`` may be a URL of an object store (``s3://bucket/prefix``, ``gs://...``, any fsspec URL;
     ``file://`` and plain paths are local folders): each state is then uploaded once as a new object
@@ -242,7 +244,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         # At the epoch's last batch or before a validation of this step, the save waits for it (one file
         # per step; a state saved before a due validation would resume past it, never running it).
         if (periodic or last_step) and not trainer.is_last_batch and not validation_follows(trainer):
-            self._save(trainer)
+            self._save(trainer, sync=last_step)
 
     @override
     def on_before_optimizer_step(
@@ -272,7 +274,7 @@ class SafetensorsTopKCheckpoint(Checkpoint):
         # A validation that closes the epoch is saved at train epoch end (same step): a run resumed from
         # a completed epoch replays the uninterrupted run's RNG draws; one resumed mid-epoch-end does not.
         if not trainer.is_last_batch:
-            self._save(trainer)
+            self._save(trainer, sync=_fit_ends(trainer, epoch_end=False))
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -282,13 +284,13 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             return
         self._register_epoch(trainer)
         if self._due or self._changed:
-            self._save(trainer)
+            self._save(trainer, sync=_fit_ends(trainer, epoch_end=True))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sigint.uninstall()
         if not self._skip(trainer):
-            self._save(trainer, refresh=False)
+            self._save(trainer, refresh=False, sync=True)
         self._jobs.wait()
 
     @override
@@ -437,6 +439,17 @@ class SafetensorsTopKCheckpoint(Checkpoint):
             remove_path(dirpath / name)
         if deletions:
             fsync_dir(dirpath)
+
+
+def _fit_ends(trainer: pl.Trainer, epoch_end: bool) -> bool:
+    """Whether no optimizer step follows this save in this fit: ``max_steps`` is reached, or (at an
+    epoch's end) ``max_epochs``. Such a save is waited for at train end anyway, so an async save writes
+    it at once from the live tensors: a snapshot would only add a copy of the state (an early stop or
+    ``max_time`` is not foreseen here: that save takes the snapshot, which is merely slower)."""
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    epochs = trainer.max_epochs
+    return epoch_end and epochs not in (None, -1) and trainer.current_epoch + 1 >= epochs
 
 
 def _changed_only_by_steps(trainer: pl.Trainer) -> set[int]:

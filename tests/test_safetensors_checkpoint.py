@@ -491,3 +491,22 @@ def test_async_save_deferring_weights_moments_and_ema_writes_exactly_what_sync_w
     parameters = list(module.parameters())
     weights = sum(p.numel() * p.element_size() for p in parameters)
     assert deferred and set(deferred) == {4 * weights + 4 * len(parameters)}
+
+
+@pytest.mark.parametrize(("limit", "final_step"), [({"max_epochs": 4}, 16), ({"max_steps": 7}, 7)])
+def test_async_save_that_ends_the_fit_is_written_at_once_without_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: dict[str, int], final_step: int
+) -> None:
+    snapshotted: list[int] = []
+    snapshot = staging_module.StagingBuffers.snapshot
+
+    def recording(self: staging_module.StagingBuffers, state: Any, defer: Any = frozenset()) -> Any:
+        snapshotted.append(state["global_step"])
+        return snapshot(self, state, defer)
+
+    monkeypatch.setattr(staging_module.StagingBuffers, "snapshot", recording)
+    fit(tmp_path, SCORES, async_save=True, **{**LIMITS, **limit})
+    # Every earlier save went through a snapshot in the background; the last one, which the end of the
+    # fit waits for anyway, was written from the live state (no copy of the state).
+    assert snapshotted and final_step not in snapshotted and max(snapshotted) < final_step
+    assert load_state(tmp_path / LATEST)["global_step"] == final_step
