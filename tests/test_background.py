@@ -61,7 +61,28 @@ def test_the_first_part_runs_at_the_callers_priority_then_the_job_lower() -> Non
     jobs.submit(priority, label="write", first=priority)
     jobs.wait()
     caller = (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0))
-    assert seen == [caller, (min(19, caller[0] + BACKGROUND_NICENESS), os.SCHED_IDLE)]
+    # Niceness, not SCHED_IDLE (an idle-class write starves behind any other niceness-19 job).
+    assert seen == [caller, (min(19, caller[0] + BACKGROUND_NICENESS), caller[1])]
+
+
+def test_a_job_started_at_niceness_19_runs_under_sched_idle() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def start() -> None:  # a thread of a process already at niceness 19 cannot go lower
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        jobs = SerialJobs(background=True)
+        jobs.submit(
+            lambda: seen.append(
+                (os.getpriority(os.PRIO_PROCESS, threading.get_native_id()), os.sched_getscheduler(0))
+            ),
+            label="write",
+        )
+        jobs.wait()
+
+    starter = threading.Thread(target=start)
+    starter.start()
+    starter.join()
+    assert seen == [(19, os.SCHED_IDLE)]
 
 
 @pytest.mark.parametrize("background", [False, True])
