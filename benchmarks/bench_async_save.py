@@ -176,6 +176,9 @@ def main() -> None:
             order = ("sync", "async") if index % 2 == 0 else ("async", "sync")
             rounds.append({mode: run(args.size, mode, args, Path(tmp) / f"{mode}{index}") for mode in order})
             pair = rounds[-1]
+            for earlier in rounds[:-1]:  # a trainer holds its model, optimizer and staging buffers
+                for result in earlier.values():
+                    result.pop("trainer", None)
             print(
                 f"round {index}: fit sync {pair['sync']['fit_s']:.2f} s, async {pair['async']['fit_s']:.2f} s"
                 f" ({pair['async']['fit_s'] / pair['sync']['fit_s']:.2f}x)",
