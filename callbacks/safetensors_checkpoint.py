@@ -73,7 +73,9 @@ class SafetensorsTopKCheckpoint(Checkpoint):
     ``dirpath`` may be a URL of an object store (``s3://bucket/prefix``, ``gs://...``, any fsspec URL;
     ``file://`` and plain paths are local folders): each state is then uploaded once as a new object
     and its names live in a manifest object written after the upload completes; objects no name points
-    at are deleted after that (:mod:`detector.checkpoint.object_folder`). Sharded checkpoints stay local.
+    at are deleted after that (:mod:`detector.checkpoint.object_folder`). A sharded checkpoint is a new
+    key prefix instead, under which every rank uploads its shard object and rank zero the state and
+    then ``index.json``; the manifest names the prefix once every rank's upload is complete.
 
     Needs ``Trainer(plugins=[SafetensorsCheckpointIO()])`` so resuming reads the same format.
 
@@ -193,11 +195,6 @@ class SafetensorsTopKCheckpoint(Checkpoint):
                 "every rank writes its shard in the save; set async_save=false or save full-state files"
             )
         if self._objects is not None:
-            if getattr(trainer.strategy, "saves_sharded", False):
-                raise ValueError(
-                    f"sharded checkpoints (save_distributed_checkpoint=True) are written to local folders, "
-                    f"not to {self.dirpath}; give checkpoint.dirpath a local folder or save full-state files"
-                )
             if trainer.is_global_zero:
                 for key in self._objects.open():
                     rank_zero_info(f"Removed an object a crashed run uploaded but never named: {key}")

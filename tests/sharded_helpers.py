@@ -95,3 +95,42 @@ def failing_save_worker(rank: int, world_size: int, port: int, folder: str) -> N
         Path(f"{folder}.rank{rank}").write_text(message)
     finally:
         dist.destroy_process_group()
+
+
+def url_save_worker(rank: int, world_size: int, port: int, url: str, mode: str = "ok") -> None:
+    """Train 3 steps under FSDP2 and upload the sharded state under the prefix ``url``.
+
+    ``mode``: ``"ok"``; ``"fail"``: rank 1's upload raises; ``"kill"``: rank 1 is SIGKILLed in its
+    upload once rank 0's objects are complete. Every rank that returns writes what it got ("saved"
+    or the error) to the file ``rankN`` in the local folder ``$RESULTS``.
+    """
+    import signal
+    import time
+
+    from detector.checkpoint import sharded as sharded_state
+    from detector.checkpoint.objects import exists, join
+    from detector.checkpoint.sharded import STATE_NAME, save_sharded_state_to_url
+
+    init(rank, world_size, port)
+    try:
+        model, optimizer = sharded_toy(3)
+        if rank == 1 and mode != "ok":
+
+            def broken(*args: object, **kwargs: object) -> None:
+                if mode == "fail":
+                    raise OSError(104, "Connection reset by peer")
+                for _ in range(600):  # rank 0 uploads its shard, then the state object
+                    if exists(join(url, STATE_NAME)):
+                        break
+                    time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            sharded_state.save_state_to_url = broken  # type: ignore[assignment]
+        try:
+            save_sharded_state_to_url(training_state(model, optimizer), url)
+            message = "saved"
+        except Exception as err:  # recorded for the test to check
+            message = f"{type(err).__name__}: {err}"
+        Path(os.environ["RESULTS"], f"rank{rank}").write_text(message)
+    finally:
+        dist.destroy_process_group()

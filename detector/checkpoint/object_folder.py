@@ -4,7 +4,8 @@ Policy lives in :mod:`detector.checkpoint.topk`; this class only maps its names 
 manifest of :mod:`detector.checkpoint.objects`. Every save costs: one multipart upload of the state
 (``ceil(size / PART_BYTES)`` part requests + 2), one PUT of the manifest (a few hundred bytes), one
 LIST of ``states/`` and one DELETE per object no name points at any more. A state is stored once
-however many names it has.
+however many names it has. A sharded checkpoint's target is a key prefix instead (W shard objects,
+the state object, ``index.json``), kept and deleted whole.
 """
 
 from __future__ import annotations

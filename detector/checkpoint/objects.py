@@ -6,10 +6,12 @@ key in ``states/`` (a multipart upload fed tensor by tensor: at most one part in
 state), and only then does the small manifest object ``checkpoints.json`` (one PUT, so it too appears
 whole) give it its names: ``checkpoint_latest.safetensors``, the best, the top K, the periodic ones. A
 reader resolves a name through the manifest; an object whose key is a name's was written by someone
-else and is read as it is. Objects that no name points at any more are deleted after the manifest
-that drops them is written. Reading downloads the object into a per-process temp folder once per
-version (ETag) and reads it with :mod:`detector.checkpoint.format`, checksum verified; errors name
-the object's URL. ``file://`` URLs and plain paths never come here.
+else and is read as it is. A key may also be a folder prefix (a sharded checkpoint: one object per
+file, ``index.json`` uploaded last), which counts as one checkpoint: kept, downloaded and deleted
+whole. Objects that no name points at any more are deleted after the manifest that drops them is
+written. Reading downloads the object (or the folder) into a per-process temp folder once per version
+(ETags) and reads it with :mod:`detector.checkpoint.format`, checksum verified; errors name the
+object's URL. ``file://`` URLs and plain paths never come here.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from typing import Any, TypeVar
 
 from fsspec.core import split_protocol, url_to_fs
 
+from detector.checkpoint.collective import CollectiveError
 from detector.checkpoint.layout import encode_header, plan_tensors
 from detector.checkpoint.pieces import DEFAULT_CHECKSUM, PIECE_DIGESTS, PiecePipeline, byte_view, pieces
 from detector.checkpoint.tree import CheckpointFormatError, flatten_state
 
 MANIFEST_NAME = "checkpoints.json"
+INDEX_NAME = "index.json"  # a folder checkpoint's index (detector.checkpoint.sharded), its last object
 MANIFEST_FORMAT = "detector.checkpoints"
 STATES_FOLDER = "states"
 PART_BYTES = 64 << 20  # one multipart-upload part; S3 allows 10,000 parts, so states up to 640 GB
@@ -94,19 +98,23 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None = None) -> tu
 
 
 def save_state_to_url(
-    state: Any, url: str, storage_options: Mapping[str, Any] | None = None, checksum: str = DEFAULT_CHECKSUM
+    state: Any,
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    checksum: str = DEFAULT_CHECKSUM,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Upload ``state`` as one object at ``url``, in :func:`~detector.checkpoint.format.save_state`'s format.
 
     The checksum sits in the header, which goes first: a pass over the tensors in memory computes it
     (no I/O), then the header and the tensors stream into a multipart upload, ``PART_BYTES`` at a
-    time. A failed upload is aborted, so nothing appears at ``url``.
+    time. A failed upload is aborted, so nothing appears at ``url``. ``metadata``: extra header entries.
     """
     if checksum not in PIECE_DIGESTS:
         raise ValueError(f"checksum must be one of {sorted(PIECE_DIGESTS)}, got {checksum!r}")
     tensors, skeleton = flatten_state(state)
     infos = plan_tensors(tensors)
-    header, digits_at = encode_header(infos, skeleton, checksum, {})
+    header, digits_at = encode_header(infos, skeleton, checksum, metadata)
     with PiecePipeline(checksum) as pipeline:
         for info in infos:
             for _, piece in pieces(byte_view(tensors[info.name])):
@@ -191,13 +199,17 @@ def write_manifest(
     dirpath: str, names: Mapping[str, str], storage_options: Mapping[str, Any] | None = None
 ) -> None:
     """Replace the manifest with one PUT (an object appears whole: readers see the old or the new one)."""
-    url = join(dirpath, MANIFEST_NAME)
     body = json.dumps(
         {"format": MANIFEST_FORMAT, "version": 1, "names": dict(sorted(names.items()))}, indent=1
     )
+    put_object(join(dirpath, MANIFEST_NAME), body.encode("utf-8"), storage_options)
+
+
+def put_object(url: str, body: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write a small object with one PUT (it appears whole, or not at all)."""
     with reaching(url):
         fs, path = filesystem(url, storage_options)
-        fs.pipe_file(path, body.encode("utf-8"))
+        fs.pipe_file(path, body)
 
 
 def new_state_key(first_name: str) -> str:
@@ -218,16 +230,21 @@ def fresh_find(fs: Any, path: str, detail: bool = False) -> Any:
 def delete_unreferenced(
     dirpath: str, names: Mapping[str, str], storage_options: Mapping[str, Any] | None = None
 ) -> list[str]:
-    """Delete the objects under ``dirpath/states/`` that no name in ``names`` points at; return their keys."""
+    """Delete the objects under ``dirpath/states/`` that no name in ``names`` points at; return their keys.
+
+    A name pointing at a folder prefix keeps everything under it; an unnamed folder (a sharded upload
+    a crashed run never named, or an evicted one) goes whole and is returned as one key.
+    """
     url = join(dirpath, STATES_FOLDER)
     with reaching(url):
         fs, path = filesystem(url, storage_options)
         found = fresh_find(fs, path)
-        kept = {join(path, key.removeprefix(f"{STATES_FOLDER}/")) for key in names.values()}
-        gone = sorted(p for p in found if p not in kept)
+        kept = {key.removeprefix(f"{STATES_FOLDER}/") for key in names.values()}
+        top = {p: p.removeprefix(path + "/").split("/", 1)[0] for p in found}
+        gone = sorted(p for p in found if top[p] not in kept)
         if gone:
             fs.rm(gone)
-    return [f"{STATES_FOLDER}/{p.rsplit('/', 1)[-1]}" for p in gone]
+    return sorted({f"{STATES_FOLDER}/{top[p]}" for p in gone})
 
 
 def stored_bytes(dirpath: str, storage_options: Mapping[str, Any] | None = None) -> int:
@@ -247,12 +264,12 @@ def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> str:
 
 
 def exists(url: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether checkpoint ``url`` is a manifest name or an object."""
+    """Whether checkpoint ``url`` is a manifest name, an object or a complete folder (with its index)."""
     target = resolve(url, storage_options)
     with reaching(target):
         fs, path = filesystem(target, storage_options)
         fs.invalidate_cache(path)
-        return bool(fs.isfile(path))
+        return bool(fs.isfile(path) or fs.isfile(join(path, INDEX_NAME)))
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -269,11 +286,12 @@ _copies: dict[tuple[str, str], Path] = {}
 
 
 def local_copy(url: str, storage_options: Mapping[str, Any] | None = None) -> Path:
-    """A local file holding checkpoint ``url`` (resolved through its folder's manifest), downloaded once
-    per object version into a temp folder removed at exit.
+    """A local file (or folder, for a folder checkpoint) holding checkpoint ``url`` (resolved through its
+    folder's manifest), downloaded once per object version into a temp folder removed at exit.
 
     Raises:
-        CheckpointFormatError: naming ``url`` when there is no such checkpoint.
+        CheckpointFormatError: naming ``url`` when there is no such checkpoint, or a folder without
+            its index (an upload cut short).
         ObjectStoreError: when the store cannot be reached.
     """
     target = resolve(url, storage_options)
@@ -284,15 +302,34 @@ def local_copy(url: str, storage_options: Mapping[str, Any] | None = None) -> Pa
             info = fs.info(path)
         except FileNotFoundError:
             raise CheckpointFormatError(f"{url}: no such checkpoint object") from None
-        version = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+        files = {path: info}
+        if info.get("type") == "directory":  # one LIST: every object's version
+            files = fresh_find(fs, path, detail=True)
+            if join(path, INDEX_NAME) not in files:
+                raise CheckpointFormatError(f"{target}: a folder without {INDEX_NAME}: not a checkpoint")
+        version = json.dumps(sorted((p, _version(i)) for p, i in files.items()))
         cached = _copies.get((target, version))
         if cached is not None and cached.exists():
             return cached
         local = download_folder() / uuid.uuid4().hex / target.rsplit("/", 1)[-1]
-        local.parent.mkdir()
-        fs.get_file(path, str(local))
+        places = [local / p.removeprefix(path + "/") if p != path else local for p in files]
+        for place in places:
+            place.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(list(files), [str(place) for place in places])
     _copies[(target, version)] = local
     return local
+
+
+def _version(info: Mapping[str, Any]) -> str:
+    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("size"))
+
+
+def named_by_url(error: Exception, copy: Path, url: str) -> Exception:
+    """``error`` (of reading the local ``copy``) naming the checkpoint's ``url`` instead; for re-raising."""
+    error.args = tuple(a.replace(str(copy), url) if isinstance(a, str) else a for a in error.args)
+    if isinstance(error, CollectiveError):
+        error.failures = [failure.replace(str(copy), url) for failure in error.failures]
+    return error
 
 
 def through_local_copy(function: Callable[..., _Result]) -> Callable[..., _Result]:
@@ -308,16 +345,15 @@ def through_local_copy(function: Callable[..., _Result]) -> Callable[..., _Resul
         copy = local_copy(path, storage_options)
         try:
             return function(copy, *args, **kwargs)
-        except CheckpointFormatError as error:
-            url = resolve(path, storage_options)
-            raise CheckpointFormatError(str(error).replace(str(copy), url)) from None
+        except (CheckpointFormatError, CollectiveError) as error:
+            raise named_by_url(error, copy, resolve(path, storage_options)) from None
 
     return wrapper
 
 
-def remove(url: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete the object at ``url``; a missing one is fine."""
+def remove(url: str, storage_options: Mapping[str, Any] | None = None, recursive: bool = False) -> None:
+    """Delete the object at ``url`` (``recursive``: every object under it too); a missing one is fine."""
     with reaching(url):
         fs, path = filesystem(url, storage_options)
         with contextlib.suppress(FileNotFoundError):
-            fs.rm(path)
+            fs.rm(path, recursive=recursive)

@@ -15,6 +15,10 @@ chunks' global offsets under ``DCP_SHARDING_INFO`` in its header, the Hugging Fa
 rank zero once every rank's files are durable: a kill at any moment leaves the old checkpoint or the
 new one. Only DTensor leaves are sharded; plain tensors (optimizer steps, RNG, ...) stay in the state
 file. Chunks are stored once: a replicated mesh dimension is written by its coordinate-0 ranks only.
+
+On object storage (:func:`save_sharded_state_to_url`) the folder is a key prefix: every rank uploads its
+shard object, rank zero the state object and then ``index.json``; the checkpoint folder's manifest
+(:mod:`detector.checkpoint.objects`) names the prefix only after that, which is the commit.
 """
 
 from __future__ import annotations
@@ -41,11 +45,11 @@ from detector.checkpoint.format import (
     save_state,
     verify_state,
 )
+from detector.checkpoint.objects import INDEX_NAME, join, put_object, remove, save_state_to_url
 from detector.checkpoint.tree import DTYPE_CODES, DTYPES_BY_CODE
 
 FORMAT = "detector.sharded-state"
 FORMAT_VERSION = 1
-INDEX_NAME = "index.json"
 STATE_NAME = "state.safetensors"
 SHARDS_DIR = "shards"
 SHARDED_TAG = "__sharded_tensor__"
@@ -141,10 +145,8 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
             (tmp / SHARDS_DIR).mkdir(parents=True)
 
     def write() -> None:
-        chunks = {key: chunk for key, t in sharded.items() if (chunk := local_chunk(t)) is not None}
-        offsets = {key: {"saved_offsets": offset} for key, (_, offset) in chunks.items()}
-        tensors = {key: tensor for key, (tensor, _) in chunks.items()}
-        save_state(tensors, tmp / shard_name(rank, world_size), metadata={OFFSETS_KEY: json.dumps(offsets)})
+        tensors, metadata = _shard(sharded)
+        save_state(tensors, tmp / shard_name(rank, world_size), metadata=metadata)
         if rank == 0:
             save_state(rest, tmp / STATE_NAME)
             index = _index(world_size, sharded)
@@ -161,6 +163,44 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
     collectively(create, f"creating {tmp}", cleanup=cleanup)
     collectively(write, f"saving {folder}", cleanup=cleanup)
     collectively(commit, f"committing {folder}", cleanup=cleanup)
+
+
+def save_sharded_state_to_url(state: Any, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Upload ``state`` as a sharded checkpoint under the fresh prefix ``url``; a collective, as
+    :func:`save_sharded_state`. Every rank uploads its shard object (a multipart upload, streamed),
+    rank zero the state object, then, once every rank's upload is complete, ``index.json``.
+
+    Nothing is committed here: the caller names ``url`` in its manifest afterwards.
+
+    Raises:
+        CollectiveError: on every rank, if any rank failed (its message is included); rank zero has
+            deleted what was uploaded under ``url``. In one process the error itself.
+    """
+    rank, world_size = rank_world()
+    rest, sharded = split_sharded(state)
+
+    def upload() -> None:
+        tensors, metadata = _shard(sharded)
+        shard = join(url, shard_name(rank, world_size))
+        save_state_to_url(tensors, shard, storage_options, metadata=metadata)
+        if rank == 0:
+            save_state_to_url(rest, join(url, STATE_NAME), storage_options)
+
+    def finish() -> None:
+        if rank == 0:
+            index = json.dumps(_index(world_size, sharded), indent=1) + "\n"
+            put_object(join(url, INDEX_NAME), index.encode("utf-8"), storage_options)
+
+    cleanup = partial(remove, url, storage_options, recursive=True)
+    collectively(upload, f"uploading {url}", cleanup=cleanup)
+    collectively(finish, f"finishing {url}", cleanup=cleanup)
+
+
+def _shard(sharded: Mapping[str, DTensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's chunks by key, and the header metadata recording their global offsets."""
+    chunks = {key: chunk for key, t in sharded.items() if (chunk := local_chunk(t)) is not None}
+    offsets = {key: {"saved_offsets": offset} for key, (_, offset) in chunks.items()}
+    return {key: tensor for key, (tensor, _) in chunks.items()}, {OFFSETS_KEY: json.dumps(offsets)}
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:

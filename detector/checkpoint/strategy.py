@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from detector.checkpoint.collective import CollectiveError
 from detector.checkpoint.compat import PathLike as _PATH
 from detector.checkpoint.compat import (
     load_full_state_into_sharded_module,
@@ -24,11 +25,14 @@ from detector.checkpoint.compat import (
     resolve_auto_parallel_sizes,
     saves_distributed_checkpoint,
 )
+from detector.checkpoint.format import CheckpointFormatError
+from detector.checkpoint.objects import is_url, local, local_copy, named_by_url, resolve
 from detector.checkpoint.sharded import (
     INDEX_NAME,
     is_sharded_checkpoint,
     load_sharded_state,
     save_sharded_state,
+    save_sharded_state_to_url,
     split_sharded,
 )
 
@@ -50,6 +54,10 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
 
     Either layout resumes on any number of ranks, and the ``CheckpointIO`` reads both, so a sharded
     run can also be resumed, validated or tested on a single device.
+
+    A URL (``s3://...``, any fsspec URL) is a key prefix: every rank uploads its own shard object
+    (:func:`~detector.checkpoint.sharded.save_sharded_state_to_url`). Loading one, every rank downloads
+    the checkpoint's objects to a local temp folder once and reads it as above; errors name the URL.
 
     Args:
         data_parallel_size: ranks that shard the model (FSDP2); ``"auto"``: every rank.
@@ -103,13 +111,32 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
         if not self.saves_sharded:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
+        filepath = self.broadcast(filepath)
+        if is_url(filepath):
+            save_sharded_state_to_url(checkpoint, str(filepath), storage_options or self._storage_options)
+            return
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        save_sharded_state(checkpoint, Path(self.broadcast(filepath)))
+            raise TypeError(
+                f"{type(self).__name__} takes storage_options for URLs only, got {storage_options!r}"
+            )
+        save_sharded_state(checkpoint, Path(local(filepath)))
+
+    @property
+    def _storage_options(self) -> Any:
+        return getattr(self.checkpoint_io, "storage_options", None)
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        path = Path(self.broadcast(checkpoint_path))
+        path: Path | str = self.broadcast(checkpoint_path)
+        if is_url(path):
+            copy = local_copy(str(path), self._storage_options)  # every rank: the whole checkpoint
+            if not is_sharded_checkpoint(copy):
+                return self._load_full(str(path))
+            try:
+                return self._load_sharded(copy)
+            except (CheckpointFormatError, CollectiveError) as error:
+                raise named_by_url(error, copy, resolve(str(path), self._storage_options)) from None
+        path = Path(local(path))
         if is_sharded_checkpoint(path):
             return self._load_sharded(path)
         if path.is_dir():
@@ -117,6 +144,10 @@ class SafetensorsModelParallelStrategy(ModelParallelStrategy):
                 f"{path} is a folder without {INDEX_NAME} (Lightning's sharded checkpoint, with a pickled "
                 "meta.pt?): only this project's safetensors checkpoints are loaded"
             )
+        return self._load_full(path)
+
+    def _load_full(self, path: Path | str) -> dict[str, Any]:
+        """Read a full-state file on every rank and broadcast rank zero's tensors into this mesh's shards."""
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         module, strict = self.model, self.lightning_module.strict_loading  # type: ignore[union-attr]
         load_full_state_into_sharded_module(checkpoint["state_dict"], module, strict=strict)

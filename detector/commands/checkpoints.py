@@ -101,8 +101,9 @@ def describe_checkpoint(path: str | Path, max_items: int = 50) -> str:
     lines = [f"{path}: format v{header['format_version']}, {_size(header['file_bytes'])}"]
     infos = list(header["tensors"].values())
     state = header["state"]
-    if is_sharded_checkpoint(path):
-        index = read_index(path)
+    folder = objects.local_copy(str(path)) if objects.is_url(path) else path  # downloaded by the header read
+    if is_sharded_checkpoint(folder):
+        index = read_index(folder)
         sharded = {key: _sharded_info(key, entry) for key, entry in index["tensors"].items()}
         ranks, files = index["world_size"], len(index["shards"])
         size = _size(header["file_bytes"])
