@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,8 @@ def _worker(rank: int, port: int, size: str, repeats: int, folder: str, out: str
 
     from detector.checkpoint.sharded import load_sharded_state, save_sharded_state, split_sharded
 
+    # DCP warns on every write into an existing folder; replacing one is what Lightning does each save.
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -251,8 +254,8 @@ def _report(result: dict[str, Any], repeats: int) -> str:
     median = {op: statistics.median(values) for op, values in seconds.items()}
     lines = [
         f"{info['size']}, FSDP2 on {WORLD_SIZE} ranks (gloo, CPU); medians of {repeats} rounds",
-        f"on disk: ours {info['ours_bytes'] / 1e9:.3f} GB in {info['ours_files']} files, "
-        f"peer (DCP) {info['peer_bytes'] / 1e9:.3f} GB in {info['peer_files']} files",
+        f"on disk: ours {info['ours_bytes']:,} bytes in {info['ours_files']} files, "
+        f"peer (DCP) {info['peer_bytes']:,} bytes in {info['peer_files']} files",
         "both loads restored every saved tensor exactly (checked once, before the rounds)",
         "",
         f"{'operation':<20}{'seconds':>9}{'min-max':>14}{'GB/s':>7}",

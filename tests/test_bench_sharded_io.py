@@ -46,7 +46,7 @@ def test_one_round_prints_every_row_with_its_ratio() -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
