@@ -10,8 +10,17 @@ from state_helpers import write_tiny_checkpoint
 
 from detector.__main__ import main
 from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError, file_digest, read_manifest
-from detector.bundle.loading import load_detector
-from detector.bundle.quantize import INT8_FILE, Int8Check, compare, refusal
+from detector.bundle.loading import load_detector, onnx_session_logits
+from detector.bundle.quantize import (
+    DEFAULT_FP32_MATMULS,
+    INT8_FILE,
+    Int8Check,
+    compare,
+    matmul_sensitivity,
+    most_sensitive,
+    refusal,
+    weight_matmuls,
+)
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 from detector.demo import demo_rows
 
@@ -57,6 +66,42 @@ def test_quantize_adds_the_int8_file_and_sha256sums_lists_it(int8_bundle):
         INT8_FILE: (int8_bundle / INT8_FILE).stat().st_size,
     }
     assert sizes[INT8_FILE] < sizes["model.onnx"]
+
+
+def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
+    entry = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]
+    kept = entry["fp32_matmuls"]
+    assert len(kept) == DEFAULT_FP32_MATMULS and entry["sensitivity_texts"] == 64
+    # Re-measured as export measured it: each MatMul quantized alone, scored on the same 64 texts.
+    texts = [row["text"] for row in demo_rows(80, seed=7)][:64]
+    detector = load_detector(int8_bundle, backend="onnx")
+
+    def probs(path):
+        alone = type(detector)(detector.tokenizer, onnx_session_logits(path), max_length=detector.max_length)
+        return np.array([row["prob_machine"] for row in alone.score(texts)])
+
+    sensitivity = matmul_sensitivity(int8_bundle / "model.onnx", probs)
+    assert kept == {name: sensitivity[name] for name in most_sensitive(sensitivity, DEFAULT_FP32_MATMULS)}
+    # In the int8 graph exactly these keep a float weight; every other weight MatMul is integer.
+    assert set(weight_matmuls(int8_bundle / INT8_FILE)) == set(kept)
+    assert len(weight_matmuls(int8_bundle / "model.onnx")) > len(kept)
+
+
+def test_fp32_matmuls_zero_quantizes_every_weight_matmul(files, tmp_path):
+    bundle = export(
+        files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", "--fp32-matmuls", "0", *LOOSE
+    )
+    entry = json.loads((bundle / "training_metadata.json").read_text())["int8"]
+    assert (entry["fp32_matmuls"], entry["sensitivity_texts"]) == ({}, 0)
+    assert weight_matmuls(bundle / INT8_FILE) == []
+
+
+def test_a_negative_fp32_matmuls_is_refused(files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            ["export", str(files["checkpoint"]), "--out", str(tmp_path), "--quantize", "--fp32-matmuls", "-1"]
+        )
+    assert capsys.readouterr().err == "detector export: error: --fp32-matmuls must be >= 0, got -1\n"
 
 
 def test_int8_threshold_is_chosen_on_the_int8_scores_that_score_yields(int8_bundle, files, tmp_path):

@@ -2,7 +2,10 @@
 
 ONNX Runtime's dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) turns the
 weights of the fp32 ``model.onnx`` into int8 and quantizes activations on the fly, per batch; no
-calibration data is needed. What it costs in quality is measured on labelled validation texts, each
+calibration data is needed. A few MatMuls stay fp32: a sensitivity pass quantizes each weight MatMul
+alone and keeps those that move the scores of a sample of the validation texts most (an activation
+with a long tail, such as a feed-forward output projection's GELU input, quantizes coarsely per
+tensor). What it costs in quality is measured on labelled validation texts, each
 model scored by :class:`detector.bundle.loading.Detector` exactly as ``detector score`` scores them:
 the AUROC of both and the share of texts whose decision changes, the float model at its threshold
 and the int8 model at its own, re-chosen on its own scores with the same rule. Past the limits the
@@ -12,7 +15,8 @@ bundle is refused (:class:`Int8CheckError`); the writer then leaves nothing behi
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
 INT8_FILE = "model_int8.onnx"
 DEFAULT_MAX_AUROC_DROP = 0.005
 DEFAULT_MAX_DECISION_CHANGE = 0.01
+DEFAULT_FP32_MATMULS = 2
+SENSITIVITY_TEXTS = 64  # validation texts the sensitivity pass scores, spread over the file
 CHECK_BATCH_SIZE = 32  # `detector score`'s default, so the threshold is chosen on the numbers it yields
 
 
@@ -51,15 +57,20 @@ class Int8Check:
         labels: 0 (human) or 1 (machine) per text; both classes must be present.
         max_auroc_drop: refuse when AUROC(float) - AUROC(int8) exceeds this.
         max_decision_change: refuse when a larger share of texts changes its decision.
+        fp32_matmuls: how many weight MatMuls stay fp32: those whose lone quantization moves the
+            scores of :data:`SENSITIVITY_TEXTS` validation texts most (:func:`matmul_sensitivity`).
     """
 
     texts: Sequence[str]
     labels: Sequence[int]
     max_auroc_drop: float = DEFAULT_MAX_AUROC_DROP
     max_decision_change: float = DEFAULT_MAX_DECISION_CHANGE
+    fp32_matmuls: int = DEFAULT_FP32_MATMULS
 
     def __post_init__(self) -> None:
         check_limits(self.max_auroc_drop, self.max_decision_change)
+        if self.fp32_matmuls < 0:
+            raise ValueError(f"fp32_matmuls must be >= 0, got {self.fp32_matmuls}")
         labels = np.asarray(list(self.labels))
         if len(self.texts) != labels.size:
             raise ValueError(f"texts and labels differ in length: {len(self.texts)} vs {labels.size}")
@@ -72,10 +83,28 @@ class Int8Check:
         """The labels as an int64 array."""
         return np.asarray(list(self.labels), dtype=np.int64)
 
+    def sensitivity_texts(self) -> list[str]:
+        """At most :data:`SENSITIVITY_TEXTS` of the texts, evenly spaced through them."""
+        step = max(1, len(self.texts) // SENSITIVITY_TEXTS)
+        return list(self.texts)[::step][:SENSITIVITY_TEXTS]
 
-def quantize_onnx(source: Path, target: Path) -> None:
+
+def weight_matmuls(model: Path) -> list[str]:
+    """The names of ``model``'s MatMul nodes with a constant weight, in graph order: the nodes
+    :func:`quantize_onnx` turns into int8 (a MatMul of two activations, as in attention, stays fp32)."""
+    import onnx
+
+    graph = onnx.load(model, load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    return [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+
+
+def quantize_onnx(
+    source: Path, target: Path, keep_fp32: Sequence[str] = (), only: Sequence[str] | None = None
+) -> None:
     """Write the dynamically quantized copy of ``source`` to ``target``: int8 weights with one scale per
-    output channel, for the matrix multiplications only.
+    output channel, for the matrix multiplications only, but those named in ``keep_fp32`` (or, given
+    ``only``, for those alone).
 
     Measured on the pretrained CPU config's model (all-MiniLM-L6-v2 fine-tuned, 1120 texts of
     ``val.jsonl``): ONNX Runtime's defaults (every supported op, the embedding lookup included, one
@@ -90,10 +119,29 @@ def quantize_onnx(source: Path, target: Path) -> None:
     root.setLevel(logging.ERROR)
     try:
         quantize_dynamic(
-            source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
-        )
+            source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
+            nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(keep_fp32),
+        )  # fmt: skip
     finally:
         root.setLevel(level)
+
+
+def matmul_sensitivity(source: Path, probs_of: Callable[[Path], np.ndarray]) -> dict[str, float]:
+    """Per weight MatMul of ``source``: the root-mean-square change of ``probs_of``'s scores when that
+    MatMul alone is quantized (:func:`quantize_onnx` with ``only=[name]``), the rest staying fp32."""
+    reference = probs_of(source)
+    sensitivity = {}
+    with tempfile.TemporaryDirectory(prefix="int8-sensitivity-") as tmp:
+        one = Path(tmp) / "one.onnx"
+        for name in weight_matmuls(source):
+            quantize_onnx(source, one, only=[name])
+            sensitivity[name] = float(np.sqrt(np.mean((probs_of(one) - reference) ** 2)))
+    return sensitivity
+
+
+def most_sensitive(sensitivity: dict[str, float], count: int) -> list[str]:
+    """The ``count`` names of highest sensitivity (ties: graph order, ``sensitivity``'s order)."""
+    return sorted(sensitivity, key=lambda name: -sensitivity[name])[:count]  # stable: ties keep order
 
 
 def _probs(
@@ -145,7 +193,8 @@ def compare(
         "max_auroc_drop": check.max_auroc_drop,
         "max_decision_change": check.max_decision_change,
         "quantization": (
-            "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per output channel, MatMul only)"
+            "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per output channel, MatMul "
+            f"only), the {check.fp32_matmuls} most sensitive MatMuls kept fp32"
         ),
     }
 
@@ -184,11 +233,22 @@ def add_int8(
     """
     from detector.bundle.loading import model_logits, onnx_session_logits
 
-    quantize_onnx(folder / ONNX_FILE, folder / INT8_FILE)
     max_length = metadata["max_length"]
+    keep: dict[str, float] = {}
+    if check.fp32_matmuls:
+        sample = check.sensitivity_texts()
+
+        def sample_probs(path: Path) -> np.ndarray:
+            return _probs(tokenizer, onnx_session_logits(path), sample, max_length)
+
+        sensitivity = matmul_sensitivity(folder / ONNX_FILE, sample_probs)
+        keep = {name: sensitivity[name] for name in most_sensitive(sensitivity, check.fp32_matmuls)}
+    quantize_onnx(folder / ONNX_FILE, folder / INT8_FILE, keep_fp32=list(keep))
     float_probs = _probs(tokenizer, model_logits(model), check.texts, max_length)
     int8_probs = _probs(tokenizer, onnx_session_logits(folder / INT8_FILE), check.texts, max_length)
     entry = compare(float_probs, int8_probs, check, metadata)
+    entry["fp32_matmuls"] = keep
+    entry["sensitivity_texts"] = len(check.sensitivity_texts()) if keep else 0
     entry["size_bytes"] = {
         ONNX_FILE: (folder / ONNX_FILE).stat().st_size,
         INT8_FILE: (folder / INT8_FILE).stat().st_size,
