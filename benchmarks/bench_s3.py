@@ -23,6 +23,7 @@ server runs on the same machine, so "network" time is moto's CPU and loopback: c
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -57,9 +58,17 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("the moto server did not start")
 
 
-def timed(run: Callable[[], Any]) -> float:
+FAILURES: dict[str, str] = {}  # op -> the last error it raised (a failed op counts as NaN)
+
+
+def timed(run: Callable[[], Any], op: str = "") -> float:
     start = time.perf_counter()
-    run()
+    try:
+        run()
+    except Exception as error:  # a server or client failure is a result too: reported, not fatal
+        FAILURES[op] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        print(f"{op}: failed: {FAILURES[op]}", flush=True)
+        return math.nan
     return time.perf_counter() - start
 
 
@@ -77,18 +86,25 @@ def measure(state: Any, bucket: str, folder: Path) -> dict[str, float]:
         objects._copies.clear()  # a fresh download each time, as in a new process
         return load_checkpoint_state(ours_url)
 
-    return {
-        "disk save": timed(lambda: save_state(state, disk)),
-        "disk load": timed(lambda: load_state(disk)),
-        "s3 ours save": timed(lambda: objects.save_state_to_url(state, ours_url)),
-        "s3 ours load": timed(load_ours),
-        "s3 lightning save": timed(lambda: _atomic_save(state, lightning_url)),
-        "s3 lightning load": timed(lambda: _load(lightning_url, map_location="cpu", weights_only=False)),
+    ops: dict[str, Callable[[], Any]] = {
+        "disk save": lambda: save_state(state, disk),
+        "disk load": lambda: load_state(disk),
+        "s3 ours save": lambda: objects.save_state_to_url(state, ours_url),
+        "s3 ours load": load_ours,
+        "s3 lightning save": lambda: _atomic_save(state, lightning_url),
+        "s3 lightning load": lambda: _load(lightning_url, map_location="cpu", weights_only=False),
     }
+    row = {op: timed(run, op) for op, run in ops.items()}
+    print(" ".join(f"{op}={seconds:.3f}" for op, seconds in row.items()), flush=True)
+    return row
 
 
 def report(rows: list[dict[str, float]], nbytes: int, size: str, repeats: int) -> str:
-    median = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    def median_of(key: str) -> float:  # over the rounds where the op succeeded; NaN if it never did
+        values = [row[key] for row in rows if not math.isnan(row[key])]
+        return statistics.median(values) if values else math.nan
+
+    median = {key: median_of(key) for key in rows[0]}
     lines = [
         f"state: {size}, {nbytes / 1e6:.1f} MB of tensors; medians of {repeats} repeats",
         "| op | save s | load s |",
@@ -104,6 +120,7 @@ def report(rows: list[dict[str, float]], nbytes: int, size: str, repeats: int) -
         save = median[f"{ours} save"] / median[f"{other} save"]
         load = median[f"{ours} load"] / median[f"{other} load"]
         lines.append(f"| {label} | {save:.2f} | {load:.2f} |")
+    lines += [f"{op} failed (last error): {error}" for op, error in sorted(FAILURES.items())]
     return "\n".join(lines)
 
 
