@@ -12,7 +12,6 @@ from detector.__main__ import main
 from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError, file_digest, read_manifest
 from detector.bundle.loading import load_detector, onnx_session_logits
 from detector.bundle.quantize import (
-    DEFAULT_FP32_MATMULS,
     INT8_FILE,
     Int8Check,
     compare,
@@ -26,6 +25,7 @@ from detector.demo import demo_rows
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 LOOSE = ["--max-auroc-drop", "1", "--max-decision-change", "1"]
+KEPT = 2  # MatMuls the shared bundle keeps fp32 (--fp32-matmuls; the default, 0, keeps none)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def export(files, out, *extra):
 
 @pytest.fixture(scope="module")
 def int8_bundle(files):
-    return export(files, files["root"] / "out", "--quantize", "--target-fpr", "0.2", *LOOSE)
+    return export(
+        files, files["root"] / "out", "--quantize", "--target-fpr", "0.2", "--fp32-matmuls", str(KEPT), *LOOSE
+    )
 
 
 def scores(bundle, data, tmp_path, backend):
@@ -71,7 +73,7 @@ def test_quantize_adds_the_int8_file_and_sha256sums_lists_it(int8_bundle):
 def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
     entry = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]
     kept = entry["fp32_matmuls"]
-    assert len(kept) == DEFAULT_FP32_MATMULS and entry["sensitivity_texts"] == 64
+    assert len(kept) == KEPT and entry["sensitivity_texts"] == 64
     # Re-measured as export measured it: each MatMul quantized alone, scored on the same 64 texts.
     texts = [row["text"] for row in demo_rows(80, seed=7)][:64]
     detector = load_detector(int8_bundle, backend="onnx")
@@ -81,16 +83,14 @@ def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
         return np.array([row["prob_machine"] for row in alone.score(texts)])
 
     sensitivity = matmul_sensitivity(int8_bundle / "model.onnx", probs)
-    assert kept == {name: sensitivity[name] for name in most_sensitive(sensitivity, DEFAULT_FP32_MATMULS)}
+    assert kept == {name: sensitivity[name] for name in most_sensitive(sensitivity, KEPT)}
     # In the int8 graph exactly these keep a float weight; every other weight MatMul is integer.
     assert set(weight_matmuls(int8_bundle / INT8_FILE)) == set(kept)
     assert len(weight_matmuls(int8_bundle / "model.onnx")) > len(kept)
 
 
-def test_fp32_matmuls_zero_quantizes_every_weight_matmul(files, tmp_path):
-    bundle = export(
-        files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", "--fp32-matmuls", "0", *LOOSE
-    )
+def test_by_default_every_weight_matmul_is_quantized_and_no_sensitivity_pass_runs(files, tmp_path):
+    bundle = export(files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", *LOOSE)
     entry = json.loads((bundle / "training_metadata.json").read_text())["int8"]
     assert (entry["fp32_matmuls"], entry["sensitivity_texts"]) == ({}, 0)
     assert weight_matmuls(bundle / INT8_FILE) == []
