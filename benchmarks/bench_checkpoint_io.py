@@ -78,20 +78,24 @@ LOADS = [
 OPS = SAVES + LOADS
 
 
+def build_model(size: str) -> Any:
+    """The classifier of ``size``: ``small`` (the project's default) or ``base`` (DeBERTa-v3-base's shape)."""
+    from detector.backbone import architecture_config, build_classifier
+
+    if size == "small":
+        return build_classifier(None, 8000)
+    from transformers import DebertaV2ForSequenceClassification
+
+    overrides = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
+    config = architecture_config(128100, intermediate_size=3072, position_buckets=256, **overrides)
+    return DebertaV2ForSequenceClassification(config)
+
+
 def build_state(size: str) -> dict[str, Any]:
     """A Lightning-checkpoint-shaped training state: weights, AdamW state, scheduler, loop counters."""
     import torch
 
-    from detector.backbone import architecture_config, build_classifier
-
-    if size == "small":
-        model = build_classifier(None, 8000)
-    else:
-        from transformers import DebertaV2ForSequenceClassification
-
-        overrides = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
-        config = architecture_config(128100, intermediate_size=3072, position_buckets=256, **overrides)
-        model = DebertaV2ForSequenceClassification(config)
+    model = build_model(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=100)
     with torch.no_grad():  # AdamW's state as after some steps, without paying for a backward pass

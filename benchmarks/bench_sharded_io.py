@@ -35,6 +35,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -68,17 +69,11 @@ def build_sharded(size: str) -> tuple[Any, Any]:
     import torch
     from torch.distributed.fsdp import fully_shard
 
-    from detector.backbone import architecture_config, build_classifier
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_checkpoint_io import build_model
 
     torch.manual_seed(0)  # every rank builds the same weights before keeping its shard
-    if size == "small":
-        model = build_classifier(None, 8000)
-    else:
-        from transformers import DebertaV2ForSequenceClassification
-
-        overrides = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
-        config = architecture_config(128100, intermediate_size=3072, position_buckets=256, **overrides)
-        model = DebertaV2ForSequenceClassification(config)
+    model = build_model(size)
     for layer in model.base_model.encoder.layer:
         fully_shard(layer)
     fully_shard(model)

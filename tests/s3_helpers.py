@@ -96,3 +96,11 @@ def s3fs_client():
     import s3fs
 
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def corrupt_object(url: str, offset: int) -> None:
+    """Flip one byte of the object at ``url`` on the server (``offset`` from the end when negative)."""
+    fs = s3fs_client()
+    data = bytearray(fs.cat_file(url))
+    data[offset] ^= 0xFF
+    fs.pipe_file(url, bytes(data))

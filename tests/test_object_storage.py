@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from s3_helpers import s3fs_client
+from s3_helpers import corrupt_object, s3fs_client
 from state_helpers import assert_identical, every_type_state
 
 from detector.checkpoint import objects
@@ -62,10 +62,7 @@ def test_an_object_corrupted_on_the_server_is_refused_with_its_url(s3):
     url = f"{s3}/run/state.safetensors"
     objects.save_state_to_url({"w": torch.ones(1000)}, url)
     load_checkpoint_state(url)  # a good copy is cached; the corrupted version must be fetched anew
-    fs = s3fs_client()
-    data = bytearray(fs.cat_file(url))
-    data[-10] ^= 0xFF
-    fs.pipe_file(url, bytes(data))
+    corrupt_object(url, -10)
     for read in (load_checkpoint_state, verify_checkpoint):
         with pytest.raises(CheckpointFormatError, match=rf"^{url}: checksum mismatch"):
             read(url)

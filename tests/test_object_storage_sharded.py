@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from multi_device_helpers import cli_fit, tensors
-from s3_helpers import s3fs_client
+from s3_helpers import corrupt_object, s3fs_client
 from test_object_storage import keys
 
 from detector.checkpoint import objects
@@ -107,10 +107,7 @@ def test_a_corrupted_shard_object_is_refused_with_its_url(s3, tmp_path, monkeypa
     url = f"{s3}/ckpt/{LATEST_NAME}"
     verify_checkpoint(url)  # a good copy is downloaded; the corrupted version must be fetched anew
     shard = f"{target}/{shard_name(1, 2)}"
-    fs = s3fs_client()
-    data = bytearray(fs.cat_file(shard))
-    data[-3] ^= 0xFF
-    fs.pipe_file(shard, bytes(data))
+    corrupt_object(shard, -3)
     for read in (load_checkpoint_state, verify_checkpoint):
         with pytest.raises(CheckpointFormatError, match=rf"^{shard}: checksum mismatch"):
             read(url)
