@@ -24,16 +24,20 @@ def _deliver(signum: int) -> None:
 
 
 def test_first_ctrl_c_calls_the_sigterm_handler_and_second_interrupts(sigterm_calls: list[int]) -> None:
-    previous = signal.getsignal(signal.SIGINT)
-    sigint = GracefulSigint()
-    sigint.install()
-    assert sigint.installed
-    _deliver(signal.SIGINT)
-    assert sigterm_calls == [signal.SIGTERM]
-    assert not sigint.installed
-    assert signal.getsignal(signal.SIGINT) is previous
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own handler, whatever the suite inherited (a job started with `&` ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        sigint = GracefulSigint()
+        sigint.install()
+        assert sigint.installed
         _deliver(signal.SIGINT)
+        assert sigterm_calls == [signal.SIGTERM]
+        assert not sigint.installed
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            _deliver(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_not_installed_without_a_python_sigterm_handler() -> None:
