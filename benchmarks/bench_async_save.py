@@ -15,6 +15,8 @@ write) and one ``snapshot_state`` (a first full snapshot).
 from __future__ import annotations
 
 import argparse
+import gc
+import resource
 import statistics
 import tempfile
 import time
@@ -152,6 +154,12 @@ def standalone(trainer: pl.Trainer, folder: Path) -> tuple[float, float, int]:
     return save_s, snapshot_s, path.stat().st_size
 
 
+def current_rss_gib() -> float:
+    """This process's resident memory now (from /proc), in GiB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**30
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -179,9 +187,11 @@ def main() -> None:
             for earlier in rounds[:-1]:  # a trainer holds its model, optimizer and staging buffers
                 for result in earlier.values():
                     result.pop("trainer", None)
+            gc.collect()  # a trainer is a web of cycles: its tensors go only when the cycle collector runs
             print(
                 f"round {index}: fit sync {pair['sync']['fit_s']:.2f} s, async {pair['async']['fit_s']:.2f} s"
-                f" ({pair['async']['fit_s'] / pair['sync']['fit_s']:.2f}x)",
+                f" ({pair['async']['fit_s'] / pair['sync']['fit_s']:.2f}x);"
+                f" current RSS {current_rss_gib():.1f} GiB",
                 flush=True,
             )
         lightning = run(args.size, "lightning", args, Path(tmp) / "lightning")

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import onnx
 import pytest
 from conftest import write_jsonl
 from state_helpers import write_tiny_checkpoint
@@ -15,9 +16,11 @@ from detector.bundle.quantize import (
     INT8_FILE,
     Int8Check,
     compare,
+    matmul_input_maxima,
     matmul_sensitivity,
     most_sensitive,
     refusal,
+    score_feeds,
     weight_matmuls,
 )
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
@@ -73,7 +76,7 @@ def test_quantize_adds_the_int8_file_and_sha256sums_lists_it(int8_bundle):
 def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
     entry = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]
     kept = entry["fp32_matmuls"]
-    assert len(kept) == KEPT and entry["sensitivity_texts"] == 64
+    assert len(kept) == KEPT and entry["sample_texts"] == 64
     # Re-measured as export measured it: each MatMul quantized alone, scored on the same 64 texts.
     texts = [row["text"] for row in demo_rows(80, seed=7)][:64]
     detector = load_detector(int8_bundle, backend="onnx")
@@ -82,7 +85,9 @@ def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
         alone = type(detector)(detector.tokenizer, onnx_session_logits(path), max_length=detector.max_length)
         return np.array([row["prob_machine"] for row in alone.score(texts)])
 
-    sensitivity = matmul_sensitivity(int8_bundle / "model.onnx", probs)
+    feeds = score_feeds(detector.tokenizer, texts, detector.max_length)
+    maxima = matmul_input_maxima(int8_bundle / "model.onnx", feeds)
+    sensitivity = matmul_sensitivity(int8_bundle / "model.onnx", probs, maxima)
     assert kept == {name: sensitivity[name] for name in most_sensitive(sensitivity, KEPT)}
     # In the int8 graph exactly these keep a float weight; every other weight MatMul is integer.
     assert set(weight_matmuls(int8_bundle / INT8_FILE)) == set(kept)
@@ -92,8 +97,18 @@ def test_the_most_sensitive_matmuls_stay_fp32_in_the_int8_model(int8_bundle):
 def test_by_default_every_weight_matmul_is_quantized_and_no_sensitivity_pass_runs(files, tmp_path):
     bundle = export(files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", *LOOSE)
     entry = json.loads((bundle / "training_metadata.json").read_text())["int8"]
-    assert (entry["fp32_matmuls"], entry["sensitivity_texts"]) == ({}, 0)
+    assert entry["fp32_matmuls"] == {}
     assert weight_matmuls(bundle / INT8_FILE) == []
+    # The outlier channels were scaled before quantizing. Every MatMul input of the tiny model has at
+    # most 64 channels, so its 0.99 quantile is its second-largest channel: one channel each is scaled.
+    graph = onnx.load(bundle / "model.onnx").graph
+    weights = {init.name for init in graph.initializer}
+    inputs = {node.input[0] for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights}
+    scaled = entry["outlier_channels_scaled"]
+    assert (scaled["quantile"], scaled["channels"]) == (0.99, len(inputs))
+    assert scaled["largest_divisor"] > 1.0
+    assert sum(node.op_type == "Mul" and node.name.endswith("/scale_outliers") for node in
+               onnx.load(bundle / INT8_FILE).graph.node) == len(inputs)  # fmt: skip
 
 
 def test_a_negative_fp32_matmuls_is_refused(files, tmp_path, capsys):

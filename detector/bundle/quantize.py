@@ -1,11 +1,14 @@
 """An int8 copy of a bundle's ONNX model for CPU scoring, checked against the float model before it ships.
 
 ONNX Runtime's dynamic quantization (``onnxruntime.quantization.quantize_dynamic``) turns the
-weights of the fp32 ``model.onnx`` into int8 and quantizes activations on the fly, per batch; no
-calibration data is needed. A few MatMuls stay fp32: a sensitivity pass quantizes each weight MatMul
-alone and keeps those that move the scores of a sample of the validation texts most (an activation
-with a long tail, such as a feed-forward output projection's GELU input, quantizes coarsely per
-tensor). What it costs in quality is measured on labelled validation texts, each
+weights of the fp32 ``model.onnx`` into int8 and quantizes activations on the fly, one scale per
+tensor and batch. A MatMul input whose range is set by a few outlier channels (a feed-forward output
+projection's GELU input: one channel reaches 24 where the others stay under 6) would quantize all of
+its channels coarsely, so before quantizing, those channels are scaled down by a Mul and the matching
+weight rows scaled up by the same factor, which leaves the float function unchanged
+(:func:`scale_outlier_channels`, calibrated on a sample of the validation texts). Optionally a few
+MatMuls stay fp32: a sensitivity pass quantizes each weight MatMul alone and keeps those that move
+the scores of the sample most. What it costs in quality is measured on labelled validation texts, each
 model scored by :class:`detector.bundle.loading.Detector` exactly as ``detector score`` scores them:
 the AUROC of both and the share of texts whose decision changes, the float model at its threshold
 and the int8 model at its own, re-chosen on its own scores with the same rule. Past the limits the
@@ -33,7 +36,11 @@ INT8_FILE = "model_int8.onnx"
 DEFAULT_MAX_AUROC_DROP = 0.005
 DEFAULT_MAX_DECISION_CHANGE = 0.01
 DEFAULT_FP32_MATMULS = 0  # keeping the most sensitive fp32 costs int8 speed: opt in
-SENSITIVITY_TEXTS = 64  # validation texts the sensitivity pass scores, spread over the file
+SAMPLE_TEXTS = 64  # validation texts, spread over the file, that calibrate the scaling and the sensitivity
+# A channel whose calibration maximum is above this quantile of its input's channel maxima is scaled
+# down to it. Measured on the pretrained CPU config's model (docs/bundle.md): 0.99 (15 of 1536 channels)
+# gave the smallest score change; 0.9 and below scale ordinary channels up against their weights' range.
+OUTLIER_QUANTILE = 0.99
 CHECK_BATCH_SIZE = 32  # `detector score`'s default, so the threshold is chosen on the numbers it yields
 
 
@@ -58,7 +65,7 @@ class Int8Check:
         max_auroc_drop: refuse when AUROC(float) - AUROC(int8) exceeds this.
         max_decision_change: refuse when a larger share of texts changes its decision.
         fp32_matmuls: how many weight MatMuls stay fp32: those whose lone quantization moves the
-            scores of :data:`SENSITIVITY_TEXTS` validation texts most (:func:`matmul_sensitivity`).
+            scores of the :meth:`sample_texts` most (:func:`matmul_sensitivity`).
     """
 
     texts: Sequence[str]
@@ -83,10 +90,15 @@ class Int8Check:
         """The labels as an int64 array."""
         return np.asarray(list(self.labels), dtype=np.int64)
 
-    def sensitivity_texts(self) -> list[str]:
-        """At most :data:`SENSITIVITY_TEXTS` of the texts, evenly spaced through them."""
-        step = max(1, len(self.texts) // SENSITIVITY_TEXTS)
-        return list(self.texts)[::step][:SENSITIVITY_TEXTS]
+    def sample_texts(self) -> list[str]:
+        """At most :data:`SAMPLE_TEXTS` of the texts, evenly spaced through them."""
+        step = max(1, len(self.texts) // SAMPLE_TEXTS)
+        return list(self.texts)[::step][:SAMPLE_TEXTS]
+
+
+def _weight_matmul_nodes(graph: Any) -> list[Any]:
+    weights = {init.name for init in graph.initializer}
+    return [node for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
 
 
 def weight_matmuls(model: Path) -> list[str]:
@@ -94,22 +106,100 @@ def weight_matmuls(model: Path) -> list[str]:
     :func:`quantize_onnx` turns into int8 (a MatMul of two activations, as in attention, stays fp32)."""
     import onnx
 
-    graph = onnx.load(model, load_external_data=False).graph
-    weights = {init.name for init in graph.initializer}
-    return [node.name for node in graph.node if node.op_type == "MatMul" and node.input[1] in weights]
+    return [node.name for node in _weight_matmul_nodes(onnx.load(model, load_external_data=False).graph)]
+
+
+def matmul_input_maxima(source: Path, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per input tensor of ``source``'s weight MatMuls: the largest absolute value of each channel (the
+    last axis) over the batches ``feeds`` (ONNX Runtime, the tensors added as graph outputs)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(source)
+    names = list(dict.fromkeys(node.input[0] for node in _weight_matmul_nodes(model.graph)))
+    model.graph.output.extend(
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names
+    )
+    with tempfile.TemporaryDirectory(prefix="int8-calibration-") as tmp:
+        onnx.save(model, Path(tmp) / "model.onnx")
+        session = ort.InferenceSession(str(Path(tmp) / "model.onnx"), providers=["CPUExecutionProvider"])
+    maxima: dict[str, np.ndarray] = {}
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            maxima[name] = np.maximum(maxima[name], channel_max) if name in maxima else channel_max
+    return maxima
+
+
+def scale_outlier_channels(
+    source: Path, target: Path, maxima: dict[str, np.ndarray], quantile: float = OUTLIER_QUANTILE
+) -> dict[str, np.ndarray]:
+    """Write ``source`` to ``target`` with the outlier channels of its weight MatMuls' inputs scaled down.
+
+    For each input ``x`` in ``maxima`` (:func:`matmul_input_maxima`), a channel whose maximum ``m`` is
+    above ``q``, the ``quantile`` of the input's channel maxima, is divided by ``m / q`` (a Mul node
+    feeding every weight MatMul that reads ``x``) and the matching row of each of those MatMuls'
+    weights multiplied by it: the float model computes the same function, and the per-tensor
+    quantization of ``x`` gets a range ``q`` instead of the outlier's ``m``. Returns each input's
+    divisors (1 for a channel left alone).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(source)
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in _weight_matmul_nodes(graph):
+        readers.setdefault(node.input[0], []).append(node)
+    scalers, divisors = {}, {}
+    for name, nodes in readers.items():
+        channel_max = maxima[name]
+        divisor = np.maximum(1.0, channel_max / np.quantile(channel_max, quantile, method="lower")).astype(
+            np.float32
+        )
+        divisors[name] = divisor
+        if not (divisor > 1.0).any():
+            continue
+        factor = numpy_helper.from_array(1.0 / divisor, f"{name}/outlier_scale")
+        graph.initializer.append(factor)
+        scalers[nodes[0].name] = onnx.helper.make_node(
+            "Mul", [name, factor.name], [f"{name}/outliers_scaled"], name=f"{name}/scale_outliers"
+        )
+        for node in nodes:
+            weight = weights[node.input[1]]
+            weight.CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(weight) * divisor[:, None], weight.name)
+            )
+            node.input[0] = f"{name}/outliers_scaled"
+    nodes = []
+    for node in graph.node:  # each Mul just before the first MatMul that reads it: topological order holds
+        if node.name in scalers:
+            nodes.append(scalers[node.name])
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, target)
+    return divisors
 
 
 def quantize_onnx(
-    source: Path, target: Path, keep_fp32: Sequence[str] = (), only: Sequence[str] | None = None
-) -> None:
+    source: Path,
+    target: Path,
+    keep_fp32: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    maxima: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
     """Write the dynamically quantized copy of ``source`` to ``target``: int8 weights with one scale per
     output channel, for the matrix multiplications only, but those named in ``keep_fp32`` (or, given
-    ``only``, for those alone).
+    ``only``, for those alone); given ``maxima``, after :func:`scale_outlier_channels`, whose divisors
+    it returns (none without ``maxima``).
 
     Measured on the pretrained CPU config's model (all-MiniLM-L6-v2 fine-tuned, 1120 texts of
     ``val.jsonl``): ONNX Runtime's defaults (every supported op, the embedding lookup included, one
     scale per tensor) dropped AUROC by 0.0108 and changed 9.7% of the decisions; per-channel MatMuls
-    only, 0.0045 and 1.4%, at 59 MB instead of 24 MB (the embedding stays fp32).
+    only, 0.0045 and 1.4%, at 59 MB instead of 24 MB (the embedding stays fp32); with the outlier
+    channels scaled as well, see docs/bundle.md.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -117,24 +207,34 @@ def quantize_onnx(
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    divisors: dict[str, np.ndarray] = {}
     try:
-        quantize_dynamic(
-            source, target, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"],
-            nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(keep_fp32),
-        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="int8-scaled-") as tmp:
+            if maxima is not None:
+                divisors = scale_outlier_channels(source, Path(tmp) / "scaled.onnx", maxima)
+                source = Path(tmp) / "scaled.onnx"
+            quantize_dynamic(
+                source, target, weight_type=QuantType.QInt8, per_channel=True,
+                op_types_to_quantize=["MatMul"], nodes_to_exclude=list(keep_fp32),
+                nodes_to_quantize=list(only) if only is not None else None,
+            )  # fmt: skip
     finally:
         root.setLevel(level)
+    return divisors
 
 
-def matmul_sensitivity(source: Path, probs_of: Callable[[Path], np.ndarray]) -> dict[str, float]:
+def matmul_sensitivity(
+    source: Path, probs_of: Callable[[Path], np.ndarray], maxima: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
     """Per weight MatMul of ``source``: the root-mean-square change of ``probs_of``'s scores when that
-    MatMul alone is quantized (:func:`quantize_onnx` with ``only=[name]``), the rest staying fp32."""
+    MatMul alone is quantized (:func:`quantize_onnx` with ``only=[name]`` and ``maxima``), the rest
+    staying fp32."""
     reference = probs_of(source)
     sensitivity = {}
     with tempfile.TemporaryDirectory(prefix="int8-sensitivity-") as tmp:
         one = Path(tmp) / "one.onnx"
         for name in weight_matmuls(source):
-            quantize_onnx(source, one, only=[name])
+            quantize_onnx(source, one, only=[name], maxima=maxima)
             sensitivity[name] = float(np.sqrt(np.mean((probs_of(one) - reference) ** 2)))
     return sensitivity
 
@@ -151,6 +251,22 @@ def _probs(
 
     detector = Detector(tokenizer, logits_fn, max_length=max_length)
     return np.array([row["prob_machine"] for row in detector.score(texts, batch_size=CHECK_BATCH_SIZE)])
+
+
+def score_feeds(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+) -> list[dict[str, Any]]:
+    """The model inputs ``detector score`` builds for ``texts``, batch by batch, as numpy arrays."""
+    from detector.bundle.loading import Detector
+
+    feeds: list[dict[str, Any]] = []
+
+    def record(inputs: dict[str, torch.Tensor]) -> np.ndarray:
+        feeds.append({name: value.numpy() for name, value in inputs.items()})
+        return np.zeros((len(inputs["input_ids"]), 2), dtype=np.float32)
+
+    Detector(tokenizer, record, max_length=max_length).score(texts, batch_size=CHECK_BATCH_SIZE)
+    return feeds
 
 
 def _auroc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -194,7 +310,8 @@ def compare(
         "max_decision_change": check.max_decision_change,
         "quantization": (
             "onnxruntime.quantization.quantize_dynamic, int8 weights (QInt8, per output channel, MatMul "
-            f"only), the {check.fp32_matmuls} most sensitive MatMuls kept fp32"
+            f"only), each MatMul input's channels above its {OUTLIER_QUANTILE} quantile of maxima scaled "
+            f"down to it, the {check.fp32_matmuls} most sensitive MatMuls kept fp32"
         ),
     }
 
@@ -234,21 +351,28 @@ def add_int8(
     from detector.bundle.loading import model_logits, onnx_session_logits
 
     max_length = metadata["max_length"]
+    sample = check.sample_texts()
+    maxima = matmul_input_maxima(folder / ONNX_FILE, score_feeds(tokenizer, sample, max_length))
     keep: dict[str, float] = {}
     if check.fp32_matmuls:
-        sample = check.sensitivity_texts()
 
         def sample_probs(path: Path) -> np.ndarray:
             return _probs(tokenizer, onnx_session_logits(path), sample, max_length)
 
-        sensitivity = matmul_sensitivity(folder / ONNX_FILE, sample_probs)
+        sensitivity = matmul_sensitivity(folder / ONNX_FILE, sample_probs, maxima)
         keep = {name: sensitivity[name] for name in most_sensitive(sensitivity, check.fp32_matmuls)}
-    quantize_onnx(folder / ONNX_FILE, folder / INT8_FILE, keep_fp32=list(keep))
+    divisors = quantize_onnx(folder / ONNX_FILE, folder / INT8_FILE, keep_fp32=list(keep), maxima=maxima)
     float_probs = _probs(tokenizer, model_logits(model), check.texts, max_length)
     int8_probs = _probs(tokenizer, onnx_session_logits(folder / INT8_FILE), check.texts, max_length)
     entry = compare(float_probs, int8_probs, check, metadata)
     entry["fp32_matmuls"] = keep
-    entry["sensitivity_texts"] = len(check.sensitivity_texts()) if keep else 0
+    entry["sample_texts"] = len(sample)
+    entry["outlier_channels_scaled"] = {
+        "quantile": OUTLIER_QUANTILE,
+        "channels": sum(int((d > 1.0).sum()) for d in divisors.values()),
+        "of": sum(d.size for d in divisors.values()),
+        "largest_divisor": max(float(d.max()) for d in divisors.values()),
+    }
     entry["size_bytes"] = {
         ONNX_FILE: (folder / ONNX_FILE).stat().st_size,
         INT8_FILE: (folder / INT8_FILE).stat().st_size,
