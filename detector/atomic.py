@@ -14,7 +14,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -163,13 +163,15 @@ def atomic_link(src: Path, final: Path) -> None:
         raise
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path, discard: Callable[[Path], None] = shutil.rmtree) -> None:
     """Atomically put the finished folder ``tmp`` at ``final`` (same parent), replacing any folder there.
 
     ``tmp``'s entries and the parent are fsynced. An existing ``final`` is swapped out in one step
     (Linux ``renameat2(RENAME_EXCHANGE)``): readers see the old folder or the new one, never neither
-    and never a mix; the old one is then deleted. Where the exchange is unsupported, the old folder is
-    renamed to a hidden temp name first, which leaves a moment with no ``final``.
+    and never a mix; the old one, now under a hidden temp name, is then handed to ``discard``
+    (deleted at once by default; a caller may delete it in the background). Where the exchange is
+    unsupported, the old folder is renamed to a hidden temp name first, which leaves a moment with no
+    ``final``.
 
     Raises:
         ValueError: if ``tmp`` and ``final`` are in different folders (the rename would not be atomic).
@@ -181,13 +183,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
     elif _exchange(tmp, final):
         fsync_dir(final.parent)
-        shutil.rmtree(tmp)
+        discard(tmp)
     else:
         old = temp_path_for(final)
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(final.parent)
-        shutil.rmtree(old)
+        discard(old)
     fsync_dir(final.parent)
 
 

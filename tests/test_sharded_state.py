@@ -264,3 +264,27 @@ def test_a_rank_that_fails_to_save_makes_every_rank_raise_and_leaves_nothing(tmp
     expected = f"CollectiveError: saving {folder} failed: rank 1: OSError: [Errno 28] No space left"
     assert messages[0].startswith(expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{folder.name}.rank0", f"{folder.name}.rank1"]
+
+
+def test_a_replaced_folder_is_deleted_in_the_background_after_the_new_one_is_in_place(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import detector.checkpoint.sharded as sharded
+    from detector.checkpoint.reclaim import reclaim_later, wait_reclaimed
+
+    folder = tmp_path / "checkpoint_latest.safetensors"
+    sharded.save_sharded_state({"version": torch.tensor(1)}, folder)
+    old_index = (folder / INDEX_NAME).stat().st_ino
+    handed: list[tuple[bool, bool]] = []
+
+    def reclaim(hidden: Path) -> None:  # at hand-over: the new folder is committed, the old one hidden
+        handed.append((TEMP_MARKER in hidden.name, (hidden / INDEX_NAME).stat().st_ino == old_index))
+        assert (folder / INDEX_NAME).stat().st_ino != old_index
+        assert int(load_sharded_state(folder)["version"]) == 2
+        reclaim_later(hidden)
+
+    monkeypatch.setattr(sharded, "reclaim_later", reclaim)
+    sharded.save_sharded_state({"version": torch.tensor(2)}, folder)
+    assert handed == [(True, True)]
+    wait_reclaimed()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # the hidden old folder is gone

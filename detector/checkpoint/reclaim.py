@@ -6,10 +6,13 @@ rename that drops the old file's last name frees its blocks before it returns (0
 on the development machine). :func:`drop_cached_pages` drops the old file's cached pages first (only
 clean pages go: their data is on disk, nothing is lost) and :func:`set_aside` gives the old file a
 hidden second name before the rename, so the rename frees nothing; :func:`reclaim_later` deletes
-that name in a background thread once the new file is committed and durable. Until then the hidden
-name is visible in the folder (:func:`wait_reclaimed` waits for it; the process waits for it at
-exit). A crash in between leaves it: a temp name (:data:`detector.atomic.TEMP_MARKER`) that
-:func:`detector.atomic.clean_stale_temps` removes, as the checkpoint callback does at every start.
+that name in a background thread once the new file is committed and durable. A sharded folder
+that a save replaced goes the same way: :func:`detector.atomic.replace_dir` swaps it out to a hidden
+name and hands that to :func:`reclaim_later`, and each rank drops its old shard's cached pages
+first. Until then the hidden name is visible in the folder (:func:`wait_reclaimed` waits for it;
+the process waits for it at exit). A crash in between leaves it: a temp name
+(:data:`detector.atomic.TEMP_MARKER`) that :func:`detector.atomic.clean_stale_temps` removes, as the
+checkpoint callback does at every start.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import atexit
 import contextlib
 import os
 import queue
+import shutil
 import threading
 from pathlib import Path
 
@@ -56,7 +60,8 @@ def set_aside(path: Path) -> Path | None:
 
 
 def reclaim_later(hidden: Path) -> None:
-    """Delete ``hidden`` (a name :func:`set_aside` made) in the background reclaim thread."""
+    """Delete ``hidden`` (a name :func:`set_aside` made, or a hidden folder a replace swapped out) in
+    the background reclaim thread."""
     global _worker
     with _lock:
         if _worker is None or not _worker.is_alive():
@@ -77,7 +82,10 @@ def _run() -> None:
         hidden = _queue.get()
         try:
             with contextlib.suppress(FileNotFoundError):
-                hidden.unlink()
+                if hidden.is_dir() and not hidden.is_symlink():
+                    shutil.rmtree(hidden)
+                else:
+                    hidden.unlink()
         except OSError:
             pass  # a temp name: clean_stale_temps removes it at the next run's start
         finally:

@@ -46,6 +46,7 @@ from detector.checkpoint.format import (
     verify_state,
 )
 from detector.checkpoint.objects import INDEX_NAME, join, put_object, remove, save_state_to_url
+from detector.checkpoint.reclaim import drop_cached_pages, reclaim_later
 from detector.checkpoint.tree import DTYPE_CODES, DTYPES_BY_CODE
 
 FORMAT = "detector.sharded-state"
@@ -145,6 +146,9 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
             (tmp / SHARDS_DIR).mkdir(parents=True)
 
     def write() -> None:
+        drop_cached_pages(folder / shard_name(rank, world_size))  # the old folder's: see reclaim.py
+        if rank == 0:
+            drop_cached_pages(folder / STATE_NAME)
         tensors, metadata = _shard(sharded)
         save_state(tensors, tmp / shard_name(rank, world_size), metadata=metadata)
         if rank == 0:
@@ -155,7 +159,7 @@ def save_sharded_state(state: Any, folder: str | Path) -> None:
     def commit() -> None:
         if rank == 0:
             fsync_dir(tmp / SHARDS_DIR)
-            replace_dir(tmp, folder)
+            replace_dir(tmp, folder, discard=reclaim_later)  # the old folder is deleted off the save's path
 
     # Each step is agreed on by every rank (an all-gather of errors), so a rank that fails never leaves
     # the others waiting in a collective, and the folder is committed only once every rank's file is.
