@@ -23,7 +23,7 @@ from detector.bundle.quantize import (
     score_feeds,
     weight_matmuls,
 )
-from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr, threshold_at_fpr_closest_to
 from detector.demo import demo_rows
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
@@ -125,14 +125,16 @@ def test_int8_threshold_is_chosen_on_the_int8_scores_that_score_yields(int8_bund
     labels = [row["label"] for row in demo_rows(80, seed=7)]
     int8 = scores(int8_bundle, files["val"], tmp_path, "onnx-int8")
     probs = [row["prob_machine"] for row in int8]
-    assert entry["decision_threshold"] == threshold_at_fpr(probs, labels, 0.2)
+    torch_probs = [row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "torch")]
+    float_says = [p > metadata["decision_threshold"] for p in torch_probs]
+    assert entry["decision_threshold"] == threshold_at_fpr_closest_to(probs, labels, float_says, 0.2)
+    assert entry["decision_threshold"] >= threshold_at_fpr(probs, labels, 0.2)
     assert (entry["threshold_val_fpr"], entry["threshold_val_tpr"]) == rates_at_threshold(
         probs, labels, entry["decision_threshold"]
     )
     assert all(row["is_machine"] == (row["prob_machine"] > entry["decision_threshold"]) for row in int8)
     assert entry["threshold_source"].startswith("the int8 model's own scores on the validation set (")
     # The float threshold is untouched: still the float model's own.
-    torch_probs = [row["prob_machine"] for row in scores(int8_bundle, files["val"], tmp_path, "torch")]
     assert metadata["decision_threshold"] == threshold_at_fpr(torch_probs, labels, 0.2)
     changed = np.mean(
         [
@@ -188,9 +190,20 @@ def test_onnx_int8_backend_without_the_file_says_to_export_with_quantize(saved_o
     assert err == f"detector score: error: {saved_onnx_bundle / INT8_FILE} not found: {hint}\n"
 
 
-def test_a_check_past_the_limit_refuses_and_writes_nothing(files, tmp_path, capsys):
+def test_a_check_past_the_limit_refuses_and_writes_nothing(files, tmp_path, capsys, monkeypatch):
+    # The tiny model's int8 copy may change no decision at the threshold closest to the float one, so a
+    # broken quantization is simulated: the int8 model's two logits come out swapped. At 20% FPR the
+    # float model calls some texts machine, which the reversed scores cannot keep.
+    import detector.bundle.loading as loading
+
+    real = loading.onnx_session_logits
+    monkeypatch.setattr(
+        loading,
+        "onnx_session_logits",
+        lambda path: lambda inputs: np.ascontiguousarray(real(path)(inputs)[:, ::-1]),
+    )
     with pytest.raises(SystemExit) as stop:
-        export(files, tmp_path / "out", "--quantize", "--max-auroc-drop", "1", "--max-decision-change", "0")
+        export(files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", *LOOSE[:3], "0.05")
     assert stop.value.code == 2
     err = capsys.readouterr().err  # the ONNX exporter may log its own warnings first
     assert err.count("error:") == 1

@@ -11,7 +11,8 @@ MatMuls stay fp32: a sensitivity pass quantizes each weight MatMul alone and kee
 the scores of the sample most. What it costs in quality is measured on labelled validation texts, each
 model scored by :class:`detector.bundle.loading.Detector` exactly as ``detector score`` scores them:
 the AUROC of both and the share of texts whose decision changes, the float model at its threshold
-and the int8 model at its own, re-chosen on its own scores with the same rule. Past the limits the
+and the int8 model at its own, re-chosen on its own scores for the same target false-positive rate
+(of the thresholds meeting it, the one closest to the float model's decisions). Past the limits the
 bundle is refused (:class:`Int8CheckError`); the writer then leaves nothing behind.
 """
 
@@ -30,7 +31,7 @@ from torchmetrics.functional.classification import binary_auroc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detector.bundle.onnx import ONNX_FILE
-from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr
+from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr_closest_to
 
 INT8_FILE = "model_int8.onnx"
 DEFAULT_MAX_AUROC_DROP = 0.005
@@ -273,16 +274,29 @@ def _auroc(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(binary_auroc(torch.from_numpy(probs), torch.from_numpy(labels)))
 
 
-def int8_threshold(probs: np.ndarray, labels: np.ndarray, metadata: dict[str, Any]) -> dict[str, Any]:
-    """The int8 threshold fields, by the rule that gave ``metadata``'s float threshold, on ``probs``."""
+def int8_threshold(
+    probs: np.ndarray, labels: np.ndarray, metadata: dict[str, Any], float_says: np.ndarray
+) -> dict[str, Any]:
+    """The int8 threshold fields, on ``probs``, by the rule that gave ``metadata``'s float threshold.
+
+    A threshold chosen for a false-positive rate is re-chosen on the int8 scores as the one, of those
+    meeting the same target there, that changes the fewest of the float model's decisions
+    (``float_says``): the lowest meeting it is the int8 model's second-highest human score or so, and
+    a score change of a few thousandths that swaps two of the top human texts would otherwise move it
+    past every text scored between them (docs/bundle.md).
+    """
     n_human = int((labels == 0).sum())
     data = f"validation set ({n_human} human, {labels.size - n_human} machine texts)"
     if str(metadata["threshold_source"]).startswith("default"):
         threshold = float(metadata["decision_threshold"])
         source = f"the float model's default {threshold!r} (it was not chosen on data either)"
     else:
-        threshold = threshold_at_fpr(probs, labels, metadata["target_fpr"])
-        source = f"the int8 model's own scores on the {data}, for target_fpr {metadata['target_fpr']!r}"
+        target = metadata["target_fpr"]
+        threshold = threshold_at_fpr_closest_to(probs, labels, float_says, target)
+        source = (
+            f"the int8 model's own scores on the {data}: of the thresholds meeting target_fpr {target!r} "
+            "there, the one that changes the fewest of the float model's decisions"
+        )
     fpr, tpr = rates_at_threshold(probs, labels, threshold)
     return {"decision_threshold": threshold, "threshold_source": source,
             "threshold_val_fpr": fpr, "threshold_val_tpr": tpr, "checked_on": data}  # fmt: skip
@@ -293,9 +307,9 @@ def compare(
 ) -> dict[str, Any]:
     """The ``int8`` metadata entry: its threshold, both AUROCs and the share of decisions changed."""
     labels = check.label_array()
-    fields = int8_threshold(int8_probs, labels, metadata)
     float_threshold = float(metadata["decision_threshold"])
     float_says = float_probs > float_threshold
+    fields = int8_threshold(int8_probs, labels, metadata, float_says)
     auroc_float, auroc_int8 = _auroc(float_probs, labels), _auroc(int8_probs, labels)
     return {
         "file": INT8_FILE,

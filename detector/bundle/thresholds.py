@@ -10,7 +10,13 @@ import torch
 
 from detector.scoring import DEFAULT_THRESHOLD
 
-__all__ = ["DEFAULT_TARGET_FPR", "DEFAULT_THRESHOLD", "rates_at_threshold", "threshold_at_fpr"]
+__all__ = [
+    "DEFAULT_TARGET_FPR",
+    "DEFAULT_THRESHOLD",
+    "rates_at_threshold",
+    "threshold_at_fpr",
+    "threshold_at_fpr_closest_to",
+]
 
 DEFAULT_TARGET_FPR = 0.01
 
@@ -73,6 +79,44 @@ def threshold_at_fpr(scores: ArrayLike, labels: ArrayLike, target_fpr: float = D
     if humans.size == 0:
         raise ValueError("no human (label 0) text among the labels: the false-positive rate is undefined")
     return float(humans[_allowed_false_positives(target_fpr, humans.size)])
+
+
+def threshold_at_fpr_closest_to(
+    scores: ArrayLike, labels: ArrayLike, reference: ArrayLike, target_fpr: float = DEFAULT_TARGET_FPR
+) -> float:
+    """Of the thresholds meeting ``target_fpr``, the one whose decisions differ least from ``reference``.
+
+    For a second model of the same task (the int8 copy of a float model): every threshold at or above
+    :func:`threshold_at_fpr`'s keeps the false-positive rate on ``(scores, labels)`` within the target,
+    and of those this returns the one at which the fewest texts' decisions (``score > threshold``)
+    differ from ``reference``, the first model's decisions on the same texts; ties go to the lowest,
+    which predicts the most texts machine. Where the two models rank the top human texts alike it is
+    :func:`threshold_at_fpr`'s; where a small score change swaps two of them, that one would move past
+    every text scored between the two, and this one need not.
+
+    Args:
+        scores: P(machine) per text from the second model.
+        labels: 0 for human, 1 for machine, one per score.
+        reference: the first model's decision per text (True: machine).
+        target_fpr: the highest false-positive rate allowed, in ``[0, 1)``.
+
+    Returns:
+        The threshold as a Python float: one of ``scores`` (exact in float32 and JSON, like
+        :func:`threshold_at_fpr`'s).
+
+    Raises:
+        ValueError: as :func:`threshold_at_fpr`, or when ``reference`` differs from ``scores`` in length.
+    """
+    s, y = _as_arrays(scores, labels)
+    said = np.asarray(reference, dtype=bool).reshape(-1)
+    if said.shape != s.shape:
+        raise ValueError(f"reference and scores differ in length: {said.shape[0]} vs {s.shape[0]}")
+    lowest = threshold_at_fpr(s, y, target_fpr)
+    candidates = np.unique(s[s >= lowest])  # sorted; between two scores the decisions do not change
+    machine_said, human_said = np.sort(s[said]), np.sort(s[~said])
+    turned_human = np.searchsorted(machine_said, candidates, side="right")  # said machine, score <= t
+    turned_machine = human_said.size - np.searchsorted(human_said, candidates, side="right")
+    return float(candidates[np.argmin(turned_human + turned_machine)])  # argmin: the first (lowest) on ties
 
 
 def rates_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> tuple[float, float]:
