@@ -37,6 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec.config
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -140,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    # moto's CompleteMultipartUpload of a GB-sized object takes tens of seconds (it joins the parts in
+    # memory, moto/s3/models.py FakeMultipart.complete); past s3fs's default read_timeout (15 s)
+    # botocore re-sends it while the first still runs, the first to finish disposes of the parts and
+    # the others answer 500. One complete at a time: every S3FileSystem this process makes (ours and
+    # Lightning's fsspec.open alike) waits up to 10 minutes for an answer.
+    fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})["read_timeout"] = 600
     try:
         import s3fs
 
