@@ -281,9 +281,9 @@ def int8_threshold(
 
     A threshold chosen for a false-positive rate is re-chosen on the int8 scores as the one, of those
     meeting the same target there, that changes the fewest of the float model's decisions
-    (``float_says``): the lowest meeting it is the int8 model's second-highest human score or so, and
-    a score change of a few thousandths that swaps two of the top human texts would otherwise move it
-    past every text scored between them (docs/bundle.md).
+    (``float_says``): the lowest meeting it is one of the top human scores, and a score change of a few
+    thousandths that swaps two of them would otherwise move it past every text scored between them
+    (docs/bundle.md).
     """
     n_human = int((labels == 0).sum())
     data = f"validation set ({n_human} human, {labels.size - n_human} machine texts)"

@@ -90,9 +90,8 @@ def threshold_at_fpr_closest_to(
     :func:`threshold_at_fpr`'s keeps the false-positive rate on ``(scores, labels)`` within the target,
     and of those this returns the one at which the fewest texts' decisions (``score > threshold``)
     differ from ``reference``, the first model's decisions on the same texts; ties go to the lowest,
-    which predicts the most texts machine. Where the two models rank the top human texts alike it is
-    :func:`threshold_at_fpr`'s; where a small score change swaps two of them, that one would move past
-    every text scored between the two, and this one need not.
+    which predicts the most texts machine. Where a small score change swaps two of the top human
+    texts, :func:`threshold_at_fpr`'s moves past every text scored between the two; this one need not.
 
     Args:
         scores: P(machine) per text from the second model.
