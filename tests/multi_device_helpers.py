@@ -47,10 +47,13 @@ def cli_fit(cwd: Path, data: dict[str, Path], config: str, *extra: str) -> str:
     ]  # fmt: skip
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"  # a rank that dies of a signal prints its Python stacks
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
     if done.returncode:
-        raise AssertionError(f"fit failed ({done.returncode}):\n{output[-6000:]}")
+        fatal = output.find("Fatal Python error")  # the crashed rank's stacks, wherever they fell
+        stacks = output[fatal : fatal + 6000] if fatal >= 0 else ""
+        raise AssertionError(f"fit failed ({done.returncode}):\n{output[-6000:]}\n{stacks}")
     return output
 
 
