@@ -197,13 +197,15 @@ def test_a_check_past_the_limit_refuses_and_writes_nothing(files, tmp_path, caps
     import detector.bundle.loading as loading
 
     real = loading.onnx_session_logits
-    monkeypatch.setattr(
-        loading,
-        "onnx_session_logits",
-        lambda path: lambda inputs: np.ascontiguousarray(real(path)(inputs)[:, ::-1]),
-    )
+
+    def swapped(path):
+        logits = real(path)  # one session per model, as the real one
+        return lambda inputs: np.ascontiguousarray(logits(inputs)[:, ::-1])
+
+    monkeypatch.setattr(loading, "onnx_session_logits", swapped)
+    limits = ["--max-auroc-drop", "1", "--max-decision-change", "0.05"]
     with pytest.raises(SystemExit) as stop:
-        export(files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", *LOOSE[:3], "0.05")
+        export(files, tmp_path / "out", "--quantize", "--target-fpr", "0.2", *limits)
     assert stop.value.code == 2
     err = capsys.readouterr().err  # the ONNX exporter may log its own warnings first
     assert err.count("error:") == 1
