@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -334,3 +336,24 @@ def test_int8_keeps_the_default_threshold_when_the_float_one_is_a_default():
     assert entry["threshold_source"] == "the float model's default 0.5 (it was not chosen on data either)"
     assert entry["decision_change"] == 0.5  # the texts at 0.6 / 0.4 swap sides
     assert (entry["auroc_float"], entry["auroc_int8"], entry["auroc_drop"]) == (0.75, 1.0, -0.25)
+
+
+def test_export_as_a_user_runs_it_prints_the_bundle_and_nothing_else(files, tmp_path):
+    """The exporters' routine notes (torchvision not installed, axis names merged, LayerNorm folding
+    skipped) used to bury the one line a user needs under a dozen."""
+    out = tmp_path / "out"
+    args = [
+        "export",
+        str(files["checkpoint"]),
+        "--out",
+        str(out),
+        "--val-data",
+        str(files["val"]),
+        "--quantize",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "detector", *args, *LOOSE], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(out / "model_v1.0_epoch1")]
+    assert run.stderr == ""

@@ -13,7 +13,11 @@ or ``torch.export.export`` on the same wrapper.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,33 @@ INPUT_NAMES = ("input_ids", "attention_mask")
 # What `onnx: true` needs beyond the base install: the `onnx` extra of pyproject.toml.
 ONNX_EXTRA_MODULES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_EXTRA_INSTALL = 'pip install -e ".[onnx]"'
+
+
+# What the exporters print on every export of these models and that asks nothing of the user (torch 2.13,
+# onnxscript 0.x): torchvision's operators not registered, the dynamic axes' names merged, LayerNorm's
+# constant folding skipped, a deprecation inside torch's own pytree code. Their errors still show.
+EXPORTER_LOGGERS = ("torch.onnx", "onnxscript")
+EXPORTER_WARNINGS = (
+    (UserWarning, r"# The axis name: .* will not be used"),
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+)
+
+
+@contextlib.contextmanager
+def quiet_exporters() -> Iterator[None]:
+    """Hide the exporters' routine notes (:data:`EXPORTER_LOGGERS` below ERROR, :data:`EXPORTER_WARNINGS`)."""
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for category, message in EXPORTER_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 class MissingExtraError(ImportError):
@@ -90,18 +121,19 @@ def export_onnx(model: PreTrainedModel, path: Path, example: dict[str, Tensor]) 
             f"the export example needs batch and sequence >= 2, got {tuple(example['input_ids'].shape)}"
         )
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    torch.onnx.export(
-        LogitsOnly(model).eval(),
-        (example["input_ids"], example["attention_mask"]),
-        str(path),
-        input_names=list(INPUT_NAMES),
-        output_names=["logits"],
-        opset_version=ONNX_OPSET,
-        dynamo=True,
-        external_data=False,
-        dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
-        verbose=False,
-    )
+    with quiet_exporters():
+        torch.onnx.export(
+            LogitsOnly(model).eval(),
+            (example["input_ids"], example["attention_mask"]),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=["logits"],
+            opset_version=ONNX_OPSET,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={name: {0: batch, 1: sequence} for name in INPUT_NAMES},
+            verbose=False,
+        )
 
 
 def onnx_logits(path: Path, inputs: dict[str, Tensor]) -> np.ndarray:

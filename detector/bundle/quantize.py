@@ -31,7 +31,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from detector.bundle.onnx import ONNX_FILE
+from detector.bundle.onnx import ONNX_FILE, quiet_exporters
 from detector.bundle.thresholds import rates_at_threshold, threshold_at_fpr_closest_to
 
 INT8_FILE = "model_int8.onnx"
@@ -241,7 +241,8 @@ def fuse_for_onnxruntime(path: Path) -> dict[str, int]:
     from onnxscript import ir
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    model, counts = optimize_for_ort(ir.load(path))
+    with quiet_exporters():
+        model, counts = optimize_for_ort(ir.load(path))
     fused = path.with_name(f".{path.name}.fused")
     ir.save(model, fused)
     fused.replace(path)
