@@ -45,9 +45,10 @@ EXPORTER_WARNINGS = (
 
 
 @contextlib.contextmanager
-def quiet_exporters() -> Iterator[None]:
-    """Hide the exporters' routine notes (:data:`EXPORTER_LOGGERS` below ERROR, :data:`EXPORTER_WARNINGS`)."""
-    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+def quiet_exporters(*loggers_too: str) -> Iterator[None]:
+    """Hide the exporters' routine notes (:data:`EXPORTER_LOGGERS` and ``loggers_too`` below ERROR,
+    :data:`EXPORTER_WARNINGS`); ``""`` names the root logger."""
+    loggers = [logging.getLogger(name) for name in (*EXPORTER_LOGGERS, *loggers_too)]
     levels = [logger.level for logger in loggers]
     with warnings.catch_warnings():
         for category, message in EXPORTER_WARNINGS:

@@ -19,7 +19,6 @@ checked as it ships: after :func:`fuse_for_onnxruntime` has fused its attention,
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -205,23 +204,17 @@ def quantize_onnx(
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # ORT suggests its shape-inference pre-pass on the root logger; the dynamo export has the shapes.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
     divisors: dict[str, np.ndarray] = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="int8-scaled-") as tmp:
-            if maxima is not None:
-                divisors = scale_outlier_channels(source, Path(tmp) / "scaled.onnx", maxima)
-                source = Path(tmp) / "scaled.onnx"
-            quantize_dynamic(
-                source, target, weight_type=QuantType.QInt8, per_channel=True,
-                op_types_to_quantize=["MatMul"], nodes_to_exclude=list(keep_fp32),
-                nodes_to_quantize=list(only) if only is not None else None,
-            )  # fmt: skip
-    finally:
-        root.setLevel(level)
+    # ORT suggests its shape-inference pre-pass on the root logger; the dynamo export has the shapes.
+    with quiet_exporters(""), tempfile.TemporaryDirectory(prefix="int8-scaled-") as tmp:
+        if maxima is not None:
+            divisors = scale_outlier_channels(source, Path(tmp) / "scaled.onnx", maxima)
+            source = Path(tmp) / "scaled.onnx"
+        quantize_dynamic(
+            source, target, weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul"], nodes_to_exclude=list(keep_fp32),
+            nodes_to_quantize=list(only) if only is not None else None,
+        )  # fmt: skip
     return divisors
 
 
